@@ -1,0 +1,1 @@
+"""HTTP routes and the WebSocket endpoint: where tickpipe speaks to its users."""

@@ -1,0 +1,147 @@
+"""The Starlette application factory (``uvicorn --factory server.api.app:create_app``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from server import protocol
+from server.api.errors import ApiError, api_error_handler
+from server.api.ticks import realtime
+from server.api.ws import ws_endpoint
+from server.auth import ConnectionQuota, KeyStore
+from server.bus import Bus
+from server.config import Settings, get_settings
+from server.hub import Hub
+from server.protocol import CloseCode
+
+log = logging.getLogger("tickpipe.web")
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: Redis
+    bus: Bus
+    hub: Hub
+    keys: KeyStore
+    quota: ConnectionQuota
+    started_ns: int
+
+
+async def maintain(st: AppState) -> None:
+    """Every second: enforce revocations and send heartbeats; now and then refresh quotas and
+    drop idle channels."""
+    s = st.settings
+    tick = 0
+    while True:
+        await asyncio.sleep(min(1.0, s.key_refresh_s, s.heartbeat_s))
+        tick += 1
+        try:
+            st.keys.refresh()
+        except Exception:  # a locked or damaged key file must not stop the loop
+            log.exception("could not re-read API keys")
+        now = time.monotonic()
+        for sub in list(st.hub.subscribers):
+            if not st.keys.is_active(sub.key_id):
+                sub.close(
+                    CloseCode.KEY_REVOKED,
+                    protocol.error(
+                        "key_revoked", "this key was revoked; ask for a new one", fatal=True
+                    ),
+                )
+            elif now - sub.last_send >= s.heartbeat_s:
+                sub.last_send = now
+                sub.send(protocol.heartbeat())
+        if tick % 10 == 0:
+            await st.quota.refresh((sub.key_id, sub.conn_id) for sub in st.hub.subscribers)
+            await st.hub.sweep()
+
+
+def bootstrap_admin(keys: KeyStore, settings: Settings) -> None:
+    """On first start, create an admin key and print it once with the URL."""
+    url = settings.base_url
+    if keys.has_admin():
+        print(
+            f"tickpipe is up: dashboard {url}/  WebSocket {url.replace('http', 'ws', 1)}/ws\n"
+            "  get a key: .venv/bin/tickpipe keys create --name me --scopes realtime,historical",
+            flush=True,
+        )
+        return
+    from server.auth import SCOPES, KeyStoreError
+
+    try:
+        secret, _ = keys.create("admin", SCOPES)
+    except KeyStoreError:  # another web process made it first
+        return
+    print(
+        f"tickpipe is up: dashboard {url}/  WebSocket {url.replace('http', 'ws', 1)}/ws\n"
+        f"  admin key (shown only once, keep it): {secret}\n"
+        "  more keys: .venv/bin/tickpipe keys create --name agent-1 --scopes realtime",
+        flush=True,
+    )
+
+
+async def healthz(request: Request) -> Response:
+    st: AppState = request.app.state.tp
+    up = st.hub.redis_up
+    return JSONResponse(
+        {"status": "ok" if up else "degraded", "redis": "up" if up else "down"},
+        status_code=200,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        bus = Bus(redis, settings.history_per_symbol)
+        keys = KeyStore(settings.keys_db)
+        hub = Hub(settings, bus)
+        st = AppState(
+            settings,
+            redis,
+            bus,
+            hub,
+            keys,
+            ConnectionQuota(redis, settings.max_conns_per_key),
+            time.time_ns(),
+        )
+        app.state.tp = st
+        await hub.start()
+        bootstrap_admin(keys, settings)
+        task = asyncio.create_task(maintain(st))
+        try:
+            yield
+        finally:
+            task.cancel()
+            for sub in list(hub.subscribers):
+                sub.close(1001, protocol.error("shutdown", "server is restarting", fatal=True))
+            await hub.stop()
+            await redis.aclose()
+            keys.close()
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/ticks/realtime", realtime),
+        WebSocketRoute("/ws", ws_endpoint),
+        Mount("/", StaticFiles(directory=WEB_DIR, html=True, check_dir=False), name="web"),
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={ApiError: api_error_handler}
+    )

@@ -1,0 +1,336 @@
+"""``GET /ws``: authenticate, then subscribe/unsubscribe/ping; ticks arrive through the hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from server import protocol
+from server.auth import ApiKey, bearer_token
+from server.hub import RedisUnavailable, Subscriber
+from server.protocol import CloseCode, ProtocolError
+from server.ticks import is_valid_symbol
+
+if TYPE_CHECKING:
+    from server.api.app import AppState
+
+log = logging.getLogger("tickpipe.ws")
+WS_SCOPES = ("realtime", "replay", "admin")
+
+
+async def close_with(
+    ws: WebSocket, code: int, event: dict[str, Any] | None, timeout: float
+) -> None:
+    """Send a last ``error`` event and close; give up after ``timeout`` (peer not reading)."""
+    with contextlib.suppress(Exception):
+        if event is not None:
+            await asyncio.wait_for(ws.send_text(protocol.frame(event)), timeout)
+        await asyncio.wait_for(ws.close(code), timeout)
+
+
+async def authenticate(ws: WebSocket, st: AppState) -> ApiKey | None:
+    """The key from the ``Authorization`` header, or from a first ``auth`` message."""
+    timeout = st.settings.slow_close_timeout_s
+    header = ws.headers.get("authorization")
+    if header is not None:
+        secret = bearer_token(header)
+        req_id = None
+    else:
+        try:
+            msg = await asyncio.wait_for(ws.receive(), st.settings.auth_timeout_s)
+        except TimeoutError:
+            await close_with(
+                ws,
+                CloseCode.AUTH_TIMEOUT,
+                protocol.error(
+                    "auth_timeout",
+                    f"no auth within {st.settings.auth_timeout_s:g}s; send "
+                    '{"op": "auth", "key": "..."} first, or an Authorization: Bearer header',
+                    fatal=True,
+                ),
+                timeout,
+            )
+            return None
+        if msg["type"] == "websocket.disconnect":
+            return None
+        secret, req_id = None, None
+        try:
+            op = protocol.parse_client_message(msg.get("text") or "", st.settings.max_inbound_bytes)
+            req_id = op.id
+            if isinstance(op, protocol.Auth):
+                secret = op.key
+        except ProtocolError as exc:
+            req_id = exc.req_id
+        if secret is None:
+            await close_with(
+                ws,
+                CloseCode.UNAUTHORIZED,
+                protocol.error(
+                    "unauthorized",
+                    'the first message must be {"op": "auth", "key": "<your key>"}',
+                    req_id,
+                    fatal=True,
+                ),
+                timeout,
+            )
+            return None
+    key = st.keys.lookup(secret)
+    if key is None:
+        await close_with(
+            ws,
+            CloseCode.UNAUTHORIZED,
+            protocol.error(
+                "unauthorized",
+                "missing, unknown or revoked key; create one with 'tickpipe keys create'",
+                req_id,
+                fatal=True,
+            ),
+            timeout,
+        )
+        return None
+    if not any(key.has_scope(s) for s in WS_SCOPES):
+        await close_with(
+            ws,
+            CloseCode.FORBIDDEN,
+            protocol.error(
+                "forbidden",
+                f"key {key.name!r} has none of the scopes {', '.join(WS_SCOPES)} needed here",
+                req_id,
+                fatal=True,
+            ),
+            timeout,
+        )
+        return None
+    return key
+
+
+class _RateLimit:
+    """Token bucket on client messages; a client far over the limit is disconnected."""
+
+    def __init__(self, per_s: float) -> None:
+        self.rate = per_s
+        self.burst = max(2.0, 2 * per_s)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+        self.refused = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+
+class Session:
+    """One authenticated connection: reads client messages and acts on them."""
+
+    def __init__(self, ws: WebSocket, st: AppState, key: ApiKey, sub: Subscriber) -> None:
+        self.ws = ws
+        self.st = st
+        self.key = key
+        self.sub = sub
+        self.limit = _RateLimit(st.settings.max_msgs_per_s)
+
+    async def read_loop(self) -> None:
+        s = self.st.settings
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if not self.limit.allow():
+                if self.limit.refused > 5 * self.limit.burst:
+                    self.sub.close(
+                        CloseCode.RATE_LIMITED,
+                        protocol.error(
+                            "rate_limited",
+                            f"far over {s.max_msgs_per_s:g} messages/s; reconnect and slow down",
+                            fatal=True,
+                        ),
+                    )
+                    return
+                self.sub.send(
+                    protocol.error(
+                        "rate_limited",
+                        f"over {s.max_msgs_per_s:g} messages/s; this message was ignored",
+                    )
+                )
+                continue
+            text = msg.get("text")
+            if text is None:
+                self.sub.send(
+                    protocol.error(
+                        "bad_request", "binary frames are not accepted; send JSON text frames"
+                    )
+                )
+                continue
+            try:
+                op = protocol.parse_client_message(text, s.max_inbound_bytes)
+            except ProtocolError as exc:
+                self.sub.send(protocol.error(exc.code, exc.message, exc.req_id))
+                continue
+            if isinstance(op, protocol.Subscribe):
+                await self.subscribe(op)
+            elif isinstance(op, protocol.Unsubscribe):
+                self.unsubscribe(op)
+            elif isinstance(op, protocol.Ping):
+                self.sub.send(protocol.pong(op.id))
+            else:
+                self.sub.send(
+                    protocol.error(
+                        "already_authenticated", "this connection is already authenticated", op.id
+                    )
+                )
+
+    def _normalise(self, symbols: list[str]) -> list[str]:
+        return list(dict.fromkeys(s.strip().upper() for s in symbols))
+
+    async def subscribe(self, op: protocol.Subscribe) -> None:
+        st, sub, key = self.st, self.sub, self.key
+        limit = st.settings.max_symbols_per_conn
+        if not key.has_scope("realtime"):
+            sub.send(
+                protocol.error("forbidden", f"key {key.name!r} lacks the 'realtime' scope", op.id)
+            )
+            return
+        syms = self._normalise(op.symbols)
+        if len(syms) > limit:
+            sub.send(
+                protocol.error(
+                    "too_many_symbols",
+                    f"{len(syms)} symbols requested; at most {limit} per connection",
+                    op.id,
+                )
+            )
+            return
+        rejected: list[dict[str, str]] = []
+        try:
+            if "*" in syms:
+                syms.remove("*")
+                if key.symbols is None:
+                    syms.extend(sorted(await st.bus.known_symbols() - set(syms)))
+                else:
+                    rejected.append({"sym": "*", "code": "not_entitled"})
+            candidates = []
+            for sym in syms:
+                if not is_valid_symbol(sym):
+                    rejected.append({"sym": sym[:40], "code": "invalid_symbol"})
+                elif not key.allows(sym):
+                    rejected.append({"sym": sym, "code": "not_entitled"})
+                else:
+                    candidates.append(sym)
+            known = await st.bus.are_known(candidates)
+        except (RedisError, OSError):
+            sub.send(protocol.error("unavailable", "Redis is unreachable; retry shortly", op.id))
+            return
+        accepted = []
+        room = limit - len(sub.symbols)
+        for sym, ok in zip(candidates, known, strict=True):
+            if not ok:
+                rejected.append({"sym": sym, "code": "unknown_symbol"})
+            elif sym not in sub.symbols and room <= 0:
+                rejected.append({"sym": sym, "code": "limit_exceeded"})
+            else:
+                room -= sym not in sub.symbols
+                accepted.append(sym)
+        new = [s for s in accepted if s not in sub.symbols]
+        latest = {}
+        if accepted:
+            try:
+                latest = await st.hub.subscribe(sub, accepted, op.types)
+            except RedisUnavailable as exc:
+                sub.send(
+                    protocol.error(
+                        "unavailable", f"Redis is unreachable ({exc}); retry shortly", op.id
+                    )
+                )
+                return
+        sub.send(
+            {
+                "type": "subscribed",
+                "id": op.id,
+                "symbols": sorted(sub.symbols),
+                "types": op.types,
+                "seq": {s: {"epoch": latest[s].epoch, "seq": latest[s].seq} for s in accepted},
+                "rejected": rejected,
+            }
+        )
+        if op.snapshot:
+            for sym in accepted:
+                for kind, raw in (("trade", latest[sym].trade), ("quote", latest[sym].quote)):
+                    if raw is not None and kind in op.types:
+                        sub.send_raw(raw.decode()[:-1] + ',"snapshot":true}')
+        for sym in new:
+            sub.release(sym, latest[sym].seq, sub.symbols[sym])
+
+    def unsubscribe(self, op: protocol.Unsubscribe) -> None:
+        syms = self._normalise(op.symbols)
+        if "*" in syms:
+            syms = sorted(self.sub.symbols)
+        gone = [s for s in syms if s in self.sub.symbols]
+        rejected = [{"sym": s[:40], "code": "not_subscribed"} for s in syms if s not in gone]
+        self.st.hub.unsubscribe(self.sub, gone)
+        self.sub.send(
+            {
+                "type": "unsubscribed",
+                "id": op.id,
+                "symbols": sorted(self.sub.symbols),
+                "removed": gone,
+                "rejected": rejected,
+            }
+        )
+
+
+async def ws_endpoint(ws: WebSocket) -> None:
+    st: AppState = ws.app.state.tp
+    s = st.settings
+    await ws.accept()
+    key = await authenticate(ws, st)
+    if key is None:
+        return
+    conn_id = secrets.token_hex(8)
+    if not await st.quota.acquire(key.id, conn_id):
+        await close_with(
+            ws,
+            CloseCode.CONNECTION_LIMIT,
+            protocol.error(
+                "connection_limit",
+                f"key {key.name!r} already has {s.max_conns_per_key} open connections; "
+                "close one or use several symbols per connection",
+                fatal=True,
+            ),
+            s.slow_close_timeout_s,
+        )
+        return
+    sub = Subscriber(conn_id, ws.send_text, s, key.id)
+    st.hub.attach(sub)
+    sub.send(protocol.welcome(conn_id, s.heartbeat_s, s.limits(), key.public()))
+    session = Session(ws, st, key, sub)
+    tasks = [
+        asyncio.create_task(sub.run_writer()),
+        asyncio.create_task(session.read_loop()),
+        asyncio.create_task(sub.closed.wait()),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        st.hub.detach(sub)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, Exception):
+                await t
+        await st.quota.release(key.id, conn_id)
+    if sub.close_code is not None:
+        await close_with(ws, sub.close_code, sub.close_event, s.slow_close_timeout_s)

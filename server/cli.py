@@ -1,0 +1,160 @@
+"""``tickpipe``: run the processes of the Procfile and manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+from datetime import UTC, datetime
+from urllib.parse import urlparse
+
+from server.config import get_settings
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from server.auth import KeyStore, KeyStoreError
+
+    store = KeyStore(get_settings().keys_db)
+    if args.keys_cmd == "create":
+        symbols = None if args.symbols in (None, "*") else args.symbols.split(",")
+        try:
+            secret, key = store.create(args.name, args.scopes.split(","), symbols)
+        except KeyStoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(secret)
+        print(
+            f"# key {key.name!r}: scopes {','.join(sorted(key.scopes))}; symbols "
+            f"{key.public()['symbols'] if key.symbols is None else ','.join(sorted(key.symbols))}"
+            " -- shown once, store it now",
+            file=sys.stderr,
+        )
+        return 0
+    if args.keys_cmd == "list":
+        rows = store.list(include_revoked=args.all)
+        print(f"{'NAME':<20} {'PREFIX':<12} {'SCOPES':<34} {'SYMBOLS':<24} CREATED / REVOKED")
+        for k in rows:
+            created = datetime.fromtimestamp(k.created_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+            revoked = (
+                " / " + datetime.fromtimestamp(k.revoked_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+                if k.revoked_ns
+                else ""
+            )
+            syms = "*" if k.symbols is None else ",".join(sorted(k.symbols))
+            print(
+                f"{k.name:<20} {k.prefix + '…':<12} {','.join(sorted(k.scopes)):<34} "
+                f"{syms[:24]:<24} {created}{revoked}"
+            )
+        return 0
+    if args.keys_cmd == "revoke":
+        n = store.revoke(args.name)
+        if not n:
+            print(
+                f"error: no active key named {args.name!r} (see 'tickpipe keys list')",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"revoked {args.name!r}; open connections using it close within seconds")
+        return 0
+    return 2
+
+
+def _redis(_: argparse.Namespace) -> int:
+    """Start a local redis-server for the Procfile, unless one already answers at the URL."""
+    import redis
+
+    s = get_settings()
+    url = urlparse(s.redis_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 6379
+    try:
+        redis.Redis.from_url(s.redis_url, socket_connect_timeout=1).ping()
+        answering = True
+    except redis.RedisError:
+        answering = False
+    if answering or host not in LOCAL_HOSTS:
+        where = "already answers" if answering else "is not local"
+        print(f"using the Redis at {host}:{port} (it {where}); not starting another", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    exe = shutil.which("redis-server")
+    if exe is None:
+        print("error: redis-server not found; run 'make run' (it installs it)", file=sys.stderr)
+        return 1
+    data = (s.data_dir / "redis").resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    print(f"starting redis-server on {host}:{port}, data in {data}", flush=True)
+    os.execv(
+        exe,
+        [exe, "--bind", host, "--port", str(port), "--dir", str(data), "--appendonly", "yes",
+         "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
+    )  # fmt: skip
+
+
+def _feed(_: argparse.Namespace) -> int:
+    from server.feed.tickerplant import run_feed
+
+    asyncio.run(run_feed(get_settings()))
+    return 0
+
+
+def _web(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = get_settings()
+    uvicorn.run(
+        "server.api.app:create_app",
+        factory=True,
+        host=s.host,
+        port=s.port,
+        ws_max_size=16 * 1024 * 1024,
+        ws_ping_interval=s.ws_ping_interval_s,
+        ws_ping_timeout=s.ws_ping_timeout_s,
+        access_log=args.access_log,
+        log_level="info",
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tickpipe", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    ks = keys.add_subparsers(dest="keys_cmd", required=True)
+    c = ks.add_parser("create", help="create a key and print it once")
+    c.add_argument("--name", required=True)
+    c.add_argument("--scopes", default="realtime", help="comma-separated: realtime,historical,"
+                   "replay,admin")  # fmt: skip
+    c.add_argument("--symbols", default=None, help="comma-separated entitlements, or * (default)")
+    ls = ks.add_parser("list", help="list keys (never the secrets)")
+    ls.add_argument("--all", action="store_true", help="include revoked keys")
+    r = ks.add_parser("revoke", help="revoke a key by name or prefix")
+    r.add_argument("name")
+    keys.set_defaults(func=_keys)
+
+    sub.add_parser("redis", help="run a local redis-server unless one answers").set_defaults(
+        func=_redis
+    )
+    sub.add_parser("feed", help="run the simulated feed").set_defaults(func=_feed)
+    w = sub.add_parser("web", help="run the web process (REST, WebSocket, dashboard)")
+    w.add_argument("--access-log", action="store_true")
+    w.set_defaults(func=_web)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

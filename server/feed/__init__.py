@@ -1,0 +1,1 @@
+"""Tick sources and the tickerplant that validates, sequences and publishes their ticks."""

@@ -1,0 +1,462 @@
+"""The fan-out hub: one Redis pub/sub connection per web process, many WebSocket subscribers.
+
+* Channels are reference-counted by local subscribers; a channel is SUBSCRIBEd once, and every
+  subscriber that asks for it while that is in flight waits on the same confirmation (no race
+  where concurrent subscribes overwrite each other).
+* Each message is decoded once; the same string is queued for every subscriber. Nothing here
+  awaits a client: ``Subscriber.push`` only appends to a bounded buffer, and each connection's
+  own writer task drains it, packing whatever has queued up into one frame.
+* Slow consumers: past ``conflate_bytes`` quotes conflate to the latest per symbol; trades are
+  never dropped, and past ``max_buffer_bytes`` the connection is closed as a slow consumer.
+* If Redis goes away the hub reconnects with backoff, resubscribes, and tells each subscriber
+  which of its symbols may have a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import Connection
+from redis.exceptions import RedisError
+
+from server import protocol
+from server.bus import CHANNEL_PREFIX, Bus, Latest, SeqState, channel
+from server.config import Settings
+
+log = logging.getLogger("tickpipe.hub")
+
+TRADE, QUOTE = 1, 2
+MASKS = {"trade": TRADE, "quote": QUOTE}
+REVOKE_CHANNEL = "tp:ctl:keys"
+PING_AFTER_S = 5.0
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer in time; the request can be retried."""
+
+
+class Subscriber:
+    """The outbound side of one WebSocket: a bounded buffer in characters and one writer task."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        send_text: Callable[[str], Awaitable[None]],
+        settings: Settings,
+        key_id: str = "",
+    ) -> None:
+        self.conn_id = conn_id
+        self.key_id = key_id
+        self._send_text = send_text
+        self._conflate_at = settings.conflate_bytes
+        self._max_buffer = settings.max_buffer_bytes
+        self._max_frame = settings.max_frame_bytes
+        self.symbols: dict[str, int] = {}  # sym -> TRADE|QUOTE mask
+        self._queue: collections.deque[str] = collections.deque()
+        self._queued = 0
+        self._latest_quote: dict[str, str] = {}  # conflation slots, only while conflating
+        self.conflating = False
+        self._held: dict[str, list[str]] = {}  # symbols being set up: fragments held back
+        self._wake = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_event: dict[str, Any] | None = None
+        self.last_send = time.monotonic()
+        self.frames_out = 0
+        self.events_out = 0
+        self.conflated = 0
+
+    # -- called by the hub (never awaits) --
+
+    def push(self, sym: str, fragment: str, mask: int) -> None:
+        if self.close_code is not None:
+            return
+        held = self._held.get(sym)
+        if held is not None:
+            held.append(fragment)
+            return
+        if mask != TRADE | QUOTE:
+            kept = [e for e in protocol.split_events(fragment) if _wanted(e, mask)]
+            if not kept:
+                return
+            fragment = ",".join(kept)
+        if self.conflating:
+            self._push_conflating(sym, fragment)
+        else:
+            self._enqueue(fragment)
+
+    def _push_conflating(self, sym: str, fragment: str) -> None:
+        for ev in protocol.split_events(fragment):
+            if ev.startswith('{"type":"quote"'):
+                if sym in self._latest_quote:
+                    self.conflated += 1
+                self._latest_quote[sym] = ev
+            else:
+                # A trade (or status) flushes the pending quote first: per-symbol order holds.
+                pending = self._latest_quote.pop(sym, None)
+                if pending is not None:
+                    self._enqueue(pending)
+                self._enqueue(ev)
+
+    def _enqueue(self, text: str) -> None:
+        self._queue.append(text)
+        self._queued += len(text) + 1
+        if self._queued > self._max_buffer:
+            self.close(
+                protocol.CloseCode.SLOW_CONSUMER,
+                protocol.error(
+                    "slow_consumer",
+                    f"more than {self._max_buffer} bytes of trades were waiting for this "
+                    "connection; read faster, subscribe to fewer symbols, or resume by seq",
+                    fatal=True,
+                ),
+            )
+            return
+        if not self.conflating and self._queued > self._conflate_at:
+            self.conflating = True
+            self._queue.append(
+                protocol.event_json(
+                    protocol.status(
+                        "conflating",
+                        "this connection is behind: quotes are conflated to the latest per "
+                        "symbol (seq gaps are dropped quotes); trades are all delivered",
+                    )
+                )
+            )
+        self._wake.set()
+
+    def send(self, *events: dict[str, Any]) -> None:
+        """Queue control events (they keep their place relative to ticks)."""
+        for ev in events:
+            self._enqueue(protocol.event_json(ev))
+
+    def send_raw(self, event: str) -> None:
+        """Queue one event that is already JSON text."""
+        self._enqueue(event)
+
+    def close(self, code: int, event: dict[str, Any] | None = None) -> None:
+        """Stop delivering; the endpoint sends ``event`` and closes the socket with ``code``."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.close_event = event
+        self._queue.clear()
+        self._latest_quote.clear()
+        self._held.clear()
+        self._queued = 0
+        self.closed.set()
+        self._wake.set()
+
+    # -- subscription set-up: hold live fragments until the snapshot is queued --
+
+    def hold(self, syms: list[str]) -> None:
+        for sym in syms:
+            self._held.setdefault(sym, [])
+
+    def release(self, sym: str, after_seq: int, mask: int) -> None:
+        """Queue the held fragments of ``sym``, dropping events the snapshot already covers."""
+        held = self._held.pop(sym, None)
+        if not held or self.close_code is not None:
+            return
+        for fragment in held:
+            kept = [
+                e
+                for e in protocol.split_events(fragment)
+                if (protocol.event_seq(e) or after_seq + 1) > after_seq and _wanted(e, mask)
+            ]
+            if kept:
+                self.push(sym, ",".join(kept), TRADE | QUOTE)
+
+    def unhold(self, syms: list[str]) -> None:
+        for sym in syms:
+            self._held.pop(sym, None)
+
+    # -- the writer task --
+
+    def _take_frame(self) -> str:
+        parts: list[str] = []
+        size = 2
+        queue = self._queue
+        while queue and (not parts or size + len(queue[0]) <= self._max_frame):
+            text = queue.popleft()
+            parts.append(text)
+            size += len(text) + 1
+        if not queue and self._latest_quote:
+            parts.extend(self._latest_quote.values())
+            size += sum(len(q) + 1 for q in self._latest_quote.values())
+            self._latest_quote.clear()
+        self._queued = max(0, self._queued - size)
+        self.events_out += len(parts)
+        return "[" + ",".join(parts) + "]"
+
+    async def run_writer(self) -> None:
+        """Drain the buffer into frames until the connection closes."""
+        while self.close_code is None:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.close_code is None and (self._queue or self._latest_quote):
+                text = self._take_frame()
+                await self._send_text(text)
+                self.frames_out += 1
+                self.last_send = time.monotonic()
+            if self.conflating and self.close_code is None and not self._queue:
+                self.conflating = False
+                self.send(protocol.status("conflation_ended", "caught up; quotes flow unconflated"))
+
+
+def _wanted(event: str, mask: int) -> bool:
+    kind = MASKS.get(protocol.event_type(event))
+    return kind is None or bool(kind & mask)
+
+
+class _Channel:
+    __slots__ = ("confirmed", "subscribers")
+
+    def __init__(self) -> None:
+        self.subscribers: dict[Subscriber, int] = {}
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class Hub:
+    """Owns the web process's Redis pub/sub connection and routes messages to subscribers."""
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        # RESP2: pub/sub messages come back from read_response (RESP3 routes them to push handlers).
+        self._pool = ConnectionPool.from_url(
+            settings.redis_url, socket_connect_timeout=2, retry=None, protocol=2
+        )
+        self._conn: Connection | None = None
+        self._channels: dict[bytes, _Channel] = {}
+        self.subscribers: set[Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.on_control: Callable[[bytes, bytes], None] | None = None
+        self.redis_up = False
+        self.reconnects = 0
+        self.messages_in = 0
+        self._down_since: float | None = None
+        self._ever_up = False
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hub-reader")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            await self._conn.disconnect()
+        await self._pool.disconnect()
+
+    def attach(self, sub: Subscriber) -> None:
+        self.subscribers.add(sub)
+
+    def detach(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+        for sym in list(sub.symbols):
+            self._leave(sub, sym)
+        sub.symbols.clear()
+
+    # -- subscriptions --
+
+    async def subscribe(
+        self, sub: Subscriber, syms: list[str], types: list[str], timeout: float = 5.0
+    ) -> dict[str, Latest]:
+        """Subscribe ``sub`` to ``syms``; returns each one's sequence state and latest trade and
+        quote, read after live delivery started. Live events of new symbols are held back until
+        the caller ``release``s each symbol, so the caller can queue a snapshot first."""
+        mask = 0
+        for t in types:
+            mask |= MASKS[t]
+        new = [s for s in syms if s not in sub.symbols]
+        sub.hold(new)
+        waits = []
+        to_send = []
+        for sym in syms:
+            sub.symbols[sym] = mask
+            name = channel(sym).encode()
+            ch = self._channels.get(name)
+            if ch is None:
+                ch = self._channels[name] = _Channel()
+                to_send.append(name)
+            ch.subscribers[sub] = mask
+            waits.append(ch.confirmed)
+        try:
+            if to_send and self._conn is not None and self.redis_up:
+                await self._conn.send_command("SUBSCRIBE", *to_send)
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*waits)), timeout)
+            states = await asyncio.wait_for(self.bus.latest(syms), timeout)
+        except (TimeoutError, RedisError, OSError) as exc:
+            for sym in new:
+                self._leave(sub, sym)
+                sub.symbols.pop(sym, None)
+            sub.unhold(new)
+            raise RedisUnavailable(str(exc) or "timed out waiting for Redis") from None
+        return states
+
+    def unsubscribe(self, sub: Subscriber, syms: list[str]) -> None:
+        for sym in syms:
+            if sub.symbols.pop(sym, None) is not None:
+                self._leave(sub, sym)
+        sub.unhold(syms)
+
+    def _leave(self, sub: Subscriber, sym: str) -> None:
+        ch = self._channels.get(channel(sym).encode())
+        if ch is not None:
+            ch.subscribers.pop(sub, None)
+        # Empty channels stay subscribed until the sweeper drops them: an UNSUBSCRIBE racing a
+        # new SUBSCRIBE could otherwise confirm the wrong one.
+
+    async def sweep(self) -> None:
+        """Unsubscribe channels nobody has listened to since the last sweep."""
+        idle = [n for n, ch in self._channels.items() if not ch.subscribers and ch.confirmed.done()]
+        if not idle or self._conn is None or not self.redis_up:
+            return
+        for name in idle:
+            del self._channels[name]
+        with contextlib.suppress(RedisError, OSError):
+            await self._conn.send_command("UNSUBSCRIBE", *idle)
+
+    # -- the reader --
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                delay = 0.1
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, RedisError) as exc:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect()
+                self._lost(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _connect(self) -> None:
+        conn = self._pool.make_connection()
+        await conn.connect()
+        # The control channel goes last: its confirmation means every channel is back.
+        names = [*self._channels, REVOKE_CHANNEL.encode()]
+        for _name, ch in self._channels.items():
+            if ch.confirmed.done():
+                ch.confirmed = asyncio.get_running_loop().create_future()
+        await conn.send_command("SUBSCRIBE", *names)
+        self._conn = conn
+        self._ever_up = True
+        self.redis_up = True
+        if self._down_since is not None:
+            log.info("redis pub/sub reconnected; resubscribed %d channels", len(self._channels))
+
+    def _lost(self, exc: BaseException) -> None:
+        if not self._ever_up:
+            log.warning("redis not reachable yet (%s); retrying", exc)
+        elif self._down_since is None:
+            log.warning("redis pub/sub connection unavailable (%s); reconnecting", exc)
+            self._down_since = time.time()
+            self.redis_up = False
+            for sub in self.subscribers:
+                if sub.symbols:
+                    sub.send(
+                        protocol.status(
+                            "redis_unavailable",
+                            "live data is interrupted (Redis connection lost); reconnecting",
+                            symbols=sorted(sub.symbols),
+                        )
+                    )
+
+    async def _announce_gap(self) -> None:
+        """After a reconnect: tell each subscriber where its symbols stand now."""
+        since = self._down_since
+        self._down_since = None
+        self.reconnects += 1
+        syms = sorted({s for sub in self.subscribers for s in sub.symbols})
+        try:
+            states = await self.bus.seq_states(syms) if syms else {}
+        except (RedisError, OSError):
+            states = {}
+        for sub in self.subscribers:
+            if not sub.symbols:
+                continue
+            mine = sorted(sub.symbols)
+            sub.send(
+                protocol.status(
+                    "gap",
+                    "live data resumed after a Redis outage; events for these symbols may be "
+                    "missing between your last seq and the seq given here",
+                    symbols=mine,
+                    since_ns=int((since or time.time()) * 1e9),
+                    seq={s: _seq_json(states.get(s)) for s in mine},
+                )
+            )
+
+    async def _read(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        channels = self._channels
+        prefix = CHANNEL_PREFIX.encode()
+        plen = len(prefix)
+        pinged = False
+        while True:
+            msg = await conn.read_response(timeout=PING_AFTER_S, disable_decoding=True)
+            if msg is None:  # idle: make sure Redis is still there
+                if pinged:
+                    raise RedisError(f"no answer to PING within {PING_AFTER_S}s")
+                await conn.send_command("PING")
+                pinged = True
+                continue
+            pinged = False
+            if not isinstance(msg, list) or len(msg) < 3:
+                continue
+            kind = msg[0]
+            if kind == b"message":
+                name = msg[1]
+                ch = channels.get(name)
+                if ch is not None and ch.subscribers:
+                    self.messages_in += 1
+                    sym = name[plen:].decode()
+                    fragment = msg[2].decode()
+                    for sub, mask in ch.subscribers.items():
+                        sub.push(sym, fragment, mask)
+                elif not name.startswith(prefix) and self.on_control is not None:
+                    self.on_control(name, msg[2])
+            elif kind == b"subscribe":
+                ch = channels.get(msg[1])
+                if ch is not None and not ch.confirmed.done():
+                    ch.confirmed.set_result(None)
+                if msg[1] == REVOKE_CHANNEL.encode() and self._down_since is not None:
+                    asyncio.get_running_loop().create_task(self._announce_gap())
+
+    # -- figures --
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "redis_up": self.redis_up,
+            "connections": len(self.subscribers),
+            "channels": sum(1 for ch in self._channels.values() if ch.subscribers),
+            "subscriptions": sum(len(s.symbols) for s in self.subscribers),
+            "messages_in": self.messages_in,
+            "reconnects": self.reconnects,
+        }
+
+
+def _seq_json(state: SeqState | None) -> dict[str, Any]:
+    if state is None:
+        return {"epoch": None, "seq": None}
+    return {"epoch": state.epoch, "seq": state.seq}
