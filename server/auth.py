@@ -176,6 +176,7 @@ class KeyStore:
             raise KeyStoreError(
                 f"an active key named {name!r} exists; revoke it or pick another name"
             ) from None
+        self._version = None  # our own commits do not move data_version
         self.refresh()
         return secret, key
 
@@ -192,6 +193,7 @@ class KeyStore:
             "WHERE revoked_ns IS NULL AND (name = ? OR prefix = ?)",
             (time.time_ns(), name_or_prefix, name_or_prefix),
         )
+        self._version = None  # our own commits do not move data_version
         self.refresh()
         return cur.rowcount
 

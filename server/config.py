@@ -21,6 +21,7 @@ class Settings(BaseSettings):
 
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = Field(64, ge=2, description="per process; bursts wait for one")
     data_dir: Path = Path("data")
 
     # Web process
@@ -52,7 +53,9 @@ class Settings(BaseSettings):
     max_symbols_per_conn: int = Field(1000, ge=1)
     max_msgs_per_s: float = Field(20.0, gt=0, description="client messages per second")
     max_conns_per_key: int = Field(100, ge=1)
-    slow_close_timeout_s: float = Field(2.0, gt=0)
+    slow_close_timeout_s: float = Field(
+        5.0, gt=0, description="how long a closing client gets to take its last error frame"
+    )
     key_refresh_s: float = Field(1.0, gt=0, description="how often keys are re-read")
 
     @field_validator("symbols", mode="before")

@@ -188,11 +188,10 @@ class Subscriber:
             text = queue.popleft()
             parts.append(text)
             size += len(text) + 1
-        if not queue and self._latest_quote:
+        self._queued = max(0, self._queued - size + 2)
+        if not queue and self._latest_quote:  # conflated quotes never counted in _queued
             parts.extend(self._latest_quote.values())
-            size += sum(len(q) + 1 for q in self._latest_quote.values())
             self._latest_quote.clear()
-        self._queued = max(0, self._queued - size)
         self.events_out += len(parts)
         return "[" + ",".join(parts) + "]"
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -109,7 +109,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        # A blocking pool: a burst of 1,000 subscribes queues for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=5,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
+        redis = Redis(connection_pool=pool)
         bus = Bus(redis, settings.history_per_symbol)
         keys = KeyStore(settings.keys_db)
         hub = Hub(settings, bus)
@@ -134,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 sub.close(1001, protocol.error("shutdown", "server is restarting", fatal=True))
             await hub.stop()
             await redis.aclose()
+            await pool.disconnect()
             keys.close()
 
     routes = [

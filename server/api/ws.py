@@ -231,8 +231,10 @@ class Session:
                 else:
                     candidates.append(sym)
             known = await st.bus.are_known(candidates)
-        except (RedisError, OSError):
-            sub.send(protocol.error("unavailable", "Redis is unreachable; retry shortly", op.id))
+        except (RedisError, OSError) as exc:
+            sub.send(
+                protocol.error("unavailable", f"Redis is unreachable ({exc}); retry shortly", op.id)
+            )
             return
         accepted = []
         room = limit - len(sub.symbols)
@@ -333,4 +335,8 @@ async def ws_endpoint(ws: WebSocket) -> None:
                 await t
         await st.quota.release(key.id, conn_id)
     if sub.close_code is not None:
+        reason = (sub.close_event or {}).get("code", "")
+        log.info(
+            "closing connection %s of key %r: %s (%s)", conn_id, key.name, sub.close_code, reason
+        )
         await close_with(ws, sub.close_code, sub.close_event, s.slow_close_timeout_s)

@@ -16,8 +16,8 @@ import signal
 import time
 
 import orjson
-from redis.asyncio import Redis
 from redis import exceptions as rx
+from redis.asyncio import Redis
 
 from server.bus import FEED_KEY_PREFIX, SYMBOLS_KEY, Bus
 from server.config import Settings

@@ -1,0 +1,267 @@
+"""Real processes for tests: a redis-server on a free port, the web app under uvicorn, the feed.
+
+Nothing here is mocked. Each ``Stack`` owns a temporary data dir, its own Redis (which a test may
+kill and restart), and subprocesses started exactly as the Procfile starts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from server.auth import KeyStore
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+class RedisProcess:
+    """A throwaway redis-server; ``kill`` and ``start`` again to simulate an outage."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = workdir / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "log")],
+        )  # fmt: skip
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+    stop = kill
+
+
+class Proc:
+    """A tickpipe process (``python -m server.cli ...``) with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args = args
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", *self.args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Stack:
+    """Redis + web (+ feed) with their own settings; ``settings`` are TICKPIPE_* overrides."""
+
+    def __init__(self, workdir: Path, feed: bool = True, **settings: Any) -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.redis = RedisProcess(workdir)
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
+        env.update(
+            TICKPIPE_REDIS_URL=self.redis.url,
+            TICKPIPE_DATA_DIR=str(self.data_dir),
+            TICKPIPE_PORT=str(self.port),
+            TICKPIPE_SYMBOLS="AAPL,MSFT,NVDA,AMZN,GOOGL,META,TSLA,JPM,EURUSD,BTC-USD",
+            TICKPIPE_FEED_RATE="400",
+            TICKPIPE_HEARTBEAT_S="1",
+            TICKPIPE_AUTH_TIMEOUT_S="1",
+        )
+        env.update({f"TICKPIPE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env = env
+        self.web = Proc(["web"], env, workdir / "web.log")
+        self.feed = Proc(["feed"], env, workdir / "feed.log") if feed else None
+        self._keys: KeyStore | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start_web(self) -> None:
+        self.web.start()
+        wait_port(self.port, 20)
+
+    def start(self) -> Stack:
+        self.redis.start()
+        self.start_web()
+        if self.feed is not None:
+            self.feed.start()
+            self.wait_for_ticks()
+        return self
+
+    def stop(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
+        self.web.stop()
+        self.redis.kill()
+        if self._keys is not None:
+            self._keys.close()
+
+    def wait_for_ticks(self, timeout: float = 10.0) -> None:
+        import redis
+
+        r = redis.Redis.from_url(self.redis.url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if r.hget("tp:sym:AAPL", "seq"):
+                    return
+                time.sleep(0.05)
+        finally:
+            r.close()
+        raise TimeoutError("the feed published nothing")
+
+    @property
+    def keys(self) -> KeyStore:
+        if self._keys is None:
+            self._keys = KeyStore(self.data_dir / "keys.sqlite3")
+        return self._keys
+
+    def key(
+        self,
+        name: str,
+        scopes: Iterable[str] = ("realtime",),
+        symbols: Iterable[str] | None = None,
+    ) -> str:
+        secret, _ = self.keys.create(name, scopes, symbols)
+        return secret
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base, timeout=10)
+
+    async def connect(self, key: str | None = None, **kw: Any) -> ClientConnection:
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        return await websockets.connect(self.ws_url, additional_headers=headers, **kw)
+
+    async def client(
+        self, key: str, timeout: float = 5.0, **kw: Any
+    ) -> tuple[ClientConnection, dict[str, Any]]:
+        """A connected, authenticated client and its ``welcome`` event."""
+        ws = await self.connect(key, open_timeout=timeout, **kw)
+        welcome = await next_event(ws, "welcome", timeout=timeout)
+        return ws, welcome
+
+
+_pending: weakref.WeakKeyDictionary[ClientConnection, list[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def recv_events(ws: ClientConnection, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The events of the next frame (every frame must be a JSON array of typed events), or
+    those ``next_event`` left over from the frame it found its event in."""
+    left = _pending.pop(ws, None)
+    if left:
+        return left
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(raw, str), "server frames must be text"
+    events = orjson.loads(raw)
+    assert isinstance(events, list) and events, f"frame is not a non-empty array: {raw[:200]}"
+    assert all("type" in e for e in events)
+    return events
+
+
+async def next_event(
+    ws: ClientConnection, type_: str, timeout: float = 5.0, **match: Any
+) -> dict[str, Any]:
+    """Read until an event of ``type_`` (with the given field values) arrives; the events after
+    it in the same frame are kept for the next read."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError(f"no {type_} event {match or ''} within {timeout}s")
+        events = await recv_events(ws, left)
+        for i, ev in enumerate(events):
+            if ev["type"] == type_ and all(ev.get(k) == v for k, v in match.items()):
+                if i + 1 < len(events):
+                    _pending[ws] = events[i + 1 :]
+                return ev
+
+
+async def send(ws: ClientConnection, **msg: Any) -> None:
+    await ws.send(orjson.dumps(msg).decode())
+
+
+async def close_code(ws: ClientConnection, timeout: float = 5.0) -> tuple[int | None, list]:
+    """Drain until the server closes; returns the close code and the events seen."""
+    seen: list[dict[str, Any]] = []
+    with contextlib.suppress(websockets.ConnectionClosed):
+        while True:
+            seen.extend(await recv_events(ws, timeout))
+    return ws.close_code, seen

@@ -1,0 +1,112 @@
+"""The Redis wire format: sequencing, epochs, history and latest ticks, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from server.bus import Bus, channel
+from server.ticks import Quote, Trade
+from tests.harness import RedisProcess
+
+T0 = 1_790_000_000_000_000_000
+
+
+@pytest.fixture
+async def bus(tmp_path) -> AsyncIterator[Bus]:
+    proc = RedisProcess(tmp_path)
+    proc.start()
+    redis = Redis.from_url(proc.url)
+    yield Bus(redis, history_per_symbol=100)
+    await redis.aclose()
+    proc.kill()
+
+
+def trade(sym: str, i: int, **kw) -> Trade:
+    return Trade(sym, T0 + i, 100.0 + i / 100, 10.0, **kw)
+
+
+def quote(sym: str, i: int, bid: float = 99.99, ask: float = 100.01) -> Quote:
+    return Quote(sym, T0 + i, bid, 100.0, ask, 200.0)
+
+
+async def test_seq_is_contiguous_per_symbol_across_trades_and_quotes(bus: Bus) -> None:
+    await bus.publish([quote("AAPL", 1), trade("AAPL", 2), quote("MSFT", 3)])
+    states = await bus.publish([trade("AAPL", 4), quote("MSFT", 5), quote("AAPL", 6)])
+    assert states["AAPL"].seq == 4 and states["MSFT"].seq == 2
+    frags = await bus.history("AAPL", 0)
+    events = orjson.loads("[" + ",".join(f.decode() for f in frags) + "]")
+    assert [(e["type"], e["seq"]) for e in events] == [
+        ("quote", 1), ("trade", 2), ("trade", 3), ("quote", 4)
+    ]  # fmt: skip
+
+
+async def test_published_message_is_ready_to_wrap_in_a_frame(bus: Bus) -> None:
+    pubsub = bus.redis.pubsub()
+    await pubsub.subscribe(channel("AAPL"))
+    await pubsub.get_message(timeout=1)
+    await bus.publish([trade("AAPL", 1, side="buy"), quote("AAPL", 2)])
+    msg = None
+    while msg is None:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+    await pubsub.aclose()
+    events = orjson.loads(b"[" + msg["data"] + b"]")
+    assert events[0]["type"] == "status" and events[0]["code"] == "epoch_changed"
+    assert events[1] == {
+        "type": "trade", "sym": "AAPL", "seq": 1, "ts": T0 + 1, "price": 100.01, "size": 10.0,
+        "side": "buy",
+    }  # fmt: skip
+    assert events[2]["type"] == "quote" and events[2]["seq"] == 2
+
+
+async def test_epoch_changes_only_when_redis_loses_the_sequence(bus: Bus) -> None:
+    first = (await bus.publish([trade("AAPL", 1)]))["AAPL"]
+    again = (await bus.publish([trade("AAPL", 2)]))["AAPL"]
+    assert again.epoch == first.epoch and again.seq == 2
+    await bus.redis.flushall()
+    await asyncio.sleep(0.002)
+    restarted = (await bus.publish([trade("AAPL", 3)]))["AAPL"]
+    assert restarted.seq == 1 and restarted.epoch != first.epoch
+    assert await bus.known_symbols() == {"AAPL"}
+
+
+async def test_latest_holds_the_last_trade_and_quote(bus: Bus) -> None:
+    await bus.publish([trade("AAPL", 1), quote("AAPL", 2), trade("AAPL", 3)])
+    latest = await bus.latest(["AAPL", "NOPE"])
+    assert orjson.loads(latest["AAPL"].trade)["seq"] == 3
+    assert orjson.loads(latest["AAPL"].quote)["seq"] == 2
+    assert latest["AAPL"].seq == 3
+    assert latest["NOPE"].epoch is None and latest["NOPE"].trade is None
+
+
+async def test_crossed_quote_is_kept_and_flagged(bus: Bus) -> None:
+    await bus.publish([quote("EURUSD", 1, bid=1.1002, ask=1.1001)])
+    q = orjson.loads((await bus.latest(["EURUSD"]))["EURUSD"].quote)
+    assert q["crossed"] is True and q["bid"] > q["ask"]
+
+
+async def test_recent_history_is_capped_per_symbol(bus: Bus) -> None:
+    for i in range(30):
+        await bus.publish([trade("AAPL", i * 10 + k) for k in range(10)])
+    frags = await bus.history("AAPL", 0)
+    seqs = [e["seq"] for f in frags for e in orjson.loads(b"[" + f + b"]")]
+    assert seqs[-1] == 300
+    assert 100 <= len(seqs) <= 200, "trimmed to about history_per_symbol events"
+    assert seqs == list(range(seqs[0], 301))
+    resumed = [
+        e["seq"] for f in await bus.history("AAPL", 295) for e in orjson.loads(b"[" + f + b"]")
+    ]
+    assert resumed[-5:] == [296, 297, 298, 299, 300]
+
+
+async def test_concurrent_publishers_never_share_a_seq(bus: Bus) -> None:
+    async def publisher(offset: int) -> None:
+        for i in range(50):
+            await bus.publish([trade("AAPL", offset + i), quote("AAPL", offset + i)])
+
+    await asyncio.gather(*(publisher(1000 * p) for p in range(4)))
+    assert (await bus.seq_states(["AAPL"]))["AAPL"].seq == 400
