@@ -80,7 +80,9 @@ def _redis(_: argparse.Namespace) -> int:
     if answering or host not in LOCAL_HOSTS:
         where = "already answers" if answering else "is not local"
         print(f"using the Redis at {host}:{port} (it {where}); not starting another", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # so sigwait, not the default, takes them
+        signal.sigwait(stop)
         return 0
     exe = shutil.which("redis-server")
     if exe is None:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
+import websockets
+
 from server.protocol import CloseCode
-from tests.harness import Stack, close_code, next_event, recv_events, send
+from tests.harness import (
+    Proc,
+    Stack,
+    close_code,
+    free_port,
+    next_event,
+    recv_events,
+    send,
+    wait_port,
+)
 
 
 async def collect_ticks(ws, n: int, timeout: float = 10.0) -> list[dict]:
@@ -247,3 +258,44 @@ async def test_handshake_without_upgrade_is_not_a_websocket(stack: Stack) -> Non
     async with stack.http() as http:
         r = await http.get("/ws")
     assert r.status_code in (400, 404, 426)
+
+
+async def test_revocation_reaches_sockets_on_every_web_process(own_stack) -> None:
+    s: Stack = own_stack(feed=False)
+    key = s.key("everywhere")
+    other_port = free_port()
+    other = Proc(["web"], {**s.env, "TICKPIPE_PORT": str(other_port)}, s.workdir / "web2.log")
+    other.start()
+    try:
+        wait_port(other_port, 20)
+        a, _ = await s.client(key)
+        b = await websockets.connect(
+            f"ws://127.0.0.1:{other_port}/ws", additional_headers={"Authorization": f"Bearer {key}"}
+        )
+        await next_event(b, "welcome")
+        assert s.cli("keys", "revoke", "everywhere").returncode == 0
+        codes = await asyncio.gather(close_code(a, 6), close_code(b, 6))
+        assert [c for c, _ in codes] == [4004, 4004]
+    finally:
+        other.stop()
+
+
+async def test_dead_peer_that_never_answers_pings_is_dropped(own_stack) -> None:
+    s: Stack = own_stack(feed=False, ws_ping_interval_s=0.5, ws_ping_timeout_s=0.5)
+    key = s.key("dead-peer")
+    # A raw TCP peer: completes the handshake, then never reads or answers a ping again.
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    assert b"101" in await reader.readline()
+    await asyncio.sleep(3)  # several ping intervals without a pong
+    data = await asyncio.wait_for(reader.read(), 5)  # EOF: the server hung up
+    assert reader.at_eof()
+    assert b"welcome" in data
+    writer.close()
