@@ -255,6 +255,7 @@ class ConnectionQuota:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key_id, conn_id in held:
                     pipe.zadd(self._key(key_id), {conn_id: expiry}, xx=True)
+                    pipe.pexpire(self._key(key_id), QUOTA_TTL_MS)
                 await pipe.execute()
         except (RedisError, OSError):
             pass

@@ -11,7 +11,7 @@ Per symbol ``S``:
 * ``tp:tick:S``  pub/sub channel; each message is one or more comma-joined event objects, ready to
                  be wrapped in ``[...]`` and sent to WebSocket clients as they are
 
-and ``tp:symbols`` (set of every symbol ever published).
+and ``tp:symbols`` (set of every symbol ever published), ``tp:ctl:keys`` (revocation notices).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from server.ticks import Tick, Trade
 SYMBOLS_KEY = "tp:symbols"
 CHANNEL_PREFIX = "tp:tick:"
 FEED_KEY_PREFIX = "tp:feed:"
+# Published (payload: the key's name) when a key is revoked, so web processes act at once;
+# they also re-read the key file every second, which covers a missed message.
+KEYS_CHANNEL = "tp:ctl:keys"
 
 
 def sym_key(sym: str) -> str:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         256 * 1024, ge=1024, description="buffer size where quotes conflate"
     )
     max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=4096, description="slow-consumer limit")
+    flush_ms: float = Field(
+        5.0, ge=0, description="ticks for a connection are sent at most this often (0: at once)"
+    )
     max_frame_bytes: int = Field(256 * 1024, ge=1024, description="largest outbound frame")
     max_inbound_bytes: int = Field(64 * 1024, ge=256, description="largest client message")
     max_symbols_per_conn: int = Field(1000, ge=1)
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
     slow_close_timeout_s: float = Field(
         5.0, gt=0, description="how long a closing client gets to take its last error frame"
     )
-    key_refresh_s: float = Field(1.0, gt=0, description="how often keys are re-read")
+    key_refresh_s: float = Field(1.0, gt=0, le=1.0, description="how often keys are re-read")
 
     @field_validator("symbols", mode="before")
     @classmethod

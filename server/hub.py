@@ -27,14 +27,13 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from server import protocol
-from server.bus import CHANNEL_PREFIX, Bus, Latest, SeqState, channel
+from server.bus import CHANNEL_PREFIX, KEYS_CHANNEL, Bus, Latest, SeqState, channel
 from server.config import Settings
 
 log = logging.getLogger("tickpipe.hub")
 
 TRADE, QUOTE = 1, 2
 MASKS = {"trade": TRADE, "quote": QUOTE}
-REVOKE_CHANNEL = "tp:ctl:keys"
 PING_AFTER_S = 5.0
 
 
@@ -65,6 +64,9 @@ class Subscriber:
         self.conflating = False
         self._held: dict[str, list[str]] = {}  # symbols being set up: fragments held back
         self._wake = asyncio.Event()
+        # Set by the hub: ticks mark the subscriber dirty and one timer wakes all dirty writers,
+        # so a busy connection gets one frame per flush interval, not one per Redis message.
+        self.defer_wake: Callable[[Subscriber], None] | None = None
         self.closed = asyncio.Event()
         self.close_code: int | None = None
         self.close_event: dict[str, Any] | None = None
@@ -90,7 +92,7 @@ class Subscriber:
         if self.conflating:
             self._push_conflating(sym, fragment)
         else:
-            self._enqueue(fragment)
+            self._enqueue(fragment, now=False)
 
     def _push_conflating(self, sym: str, fragment: str) -> None:
         for ev in protocol.split_events(fragment):
@@ -98,14 +100,18 @@ class Subscriber:
                 if sym in self._latest_quote:
                     self.conflated += 1
                 self._latest_quote[sym] = ev
+                if self.defer_wake is not None:
+                    self.defer_wake(self)
+                else:
+                    self._wake.set()
             else:
                 # A trade (or status) flushes the pending quote first: per-symbol order holds.
                 pending = self._latest_quote.pop(sym, None)
                 if pending is not None:
-                    self._enqueue(pending)
-                self._enqueue(ev)
+                    self._enqueue(pending, now=False)
+                self._enqueue(ev, now=False)
 
-    def _enqueue(self, text: str) -> None:
+    def _enqueue(self, text: str, now: bool = True) -> None:
         self._queue.append(text)
         self._queued += len(text) + 1
         if self._queued > self._max_buffer:
@@ -130,7 +136,10 @@ class Subscriber:
                     )
                 )
             )
-        self._wake.set()
+        if now or self.defer_wake is None:
+            self._wake.set()
+        else:
+            self.defer_wake(self)
 
     def send(self, *events: dict[str, Any]) -> None:
         """Queue control events (they keep their place relative to ticks)."""
@@ -237,6 +246,7 @@ class Hub:
         self._channels: dict[bytes, _Channel] = {}
         self.subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.on_control: Callable[[bytes, bytes], None] | None = None
         self.redis_up = False
@@ -244,13 +254,29 @@ class Hub:
         self.messages_in = 0
         self._down_since: float | None = None
         self._ever_up = False
+        self._dirty: set[Subscriber] = set()
+        self._flush_s = settings.flush_ms / 1000
 
     # -- lifecycle --
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-reader")
+        if self._flush_s > 0:
+            self._flusher = asyncio.create_task(self._flush(), name="hub-flusher")
+
+    async def _flush(self) -> None:
+        """Every ``flush_ms``, wake the writers that have ticks waiting."""
+        dirty = self._dirty
+        while True:
+            await asyncio.sleep(self._flush_s)
+            if dirty:
+                for sub in dirty:
+                    sub._wake.set()
+                dirty.clear()
 
     async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,9 +287,12 @@ class Hub:
 
     def attach(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
+        if self._flush_s > 0:
+            sub.defer_wake = self._dirty.add
 
     def detach(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+        self._dirty.discard(sub)
         for sym in list(sub.symbols):
             self._leave(sub, sym)
         sub.symbols.clear()
@@ -352,7 +381,7 @@ class Hub:
         conn = self._pool.make_connection()
         await conn.connect()
         # The control channel goes last: its confirmation means every channel is back.
-        names = [*self._channels, REVOKE_CHANNEL.encode()]
+        names = [*self._channels, KEYS_CHANNEL.encode()]
         for _name, ch in self._channels.items():
             if ch.confirmed.done():
                 ch.confirmed = asyncio.get_running_loop().create_future()
@@ -439,7 +468,7 @@ class Hub:
                 ch = channels.get(msg[1])
                 if ch is not None and not ch.confirmed.done():
                     ch.confirmed.set_result(None)
-                if msg[1] == REVOKE_CHANNEL.encode() and self._down_since is not None:
+                if msg[1] == KEYS_CHANNEL.encode() and self._down_since is not None:
                     asyncio.get_running_loop().create_task(self._announce_gap())
 
     # -- figures --

@@ -84,6 +84,7 @@ async def test_bad_parameters_are_422(stack: Stack) -> None:
         for query, code in (
             ("", "bad_parameter"),
             ("?symbols=", "bad_parameter"),
+            ("?symbols=,%20,", "bad_parameter"),
             ("?symbols=AAPL;DROP%20TABLE", "invalid_symbol"),
             ("?symbols=%24(rm%20-rf)", "invalid_symbol"),
             ("?symbols=" + ",".join(f"S{i}" for i in range(201)), "too_many_symbols"),

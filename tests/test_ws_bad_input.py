@@ -128,3 +128,16 @@ async def test_bad_input_on_one_connection_leaves_others_streaming(stack: Stack)
     await next_event(good, "trade")
     await bad.close()
     await good.close()
+
+
+async def test_a_stream_of_garbage_is_closed_as_bad_request_4000(stack: Stack) -> None:
+    ws, _ = await stack.client(stack.key("garbage"))
+    for i in range(19):  # below the limit: each gets its own non-fatal error
+        await ws.send("not json" if i % 2 else '{"op": "nope"}')
+    await send(ws, op="ping", id="still-ok")  # a valid message resets the count
+    assert (await next_event(ws, "pong"))["id"] == "still-ok"
+    for _ in range(20):
+        await ws.send("not json")
+    code, events = await close_code(ws)
+    assert code == CloseCode.BAD_REQUEST == 4000
+    assert events[-1]["code"] == "bad_request" and events[-1]["fatal"] is True

@@ -230,7 +230,7 @@ async def test_revoked_key_closes_open_socket_within_5s(stack: Stack) -> None:
     out = stack.cli("keys", "revoke", "to-revoke")
     assert out.returncode == 0, out.stderr
     code, events = await close_code(ws, timeout=6)
-    assert loop.time() - t0 < 5
+    assert loop.time() - t0 < 5, "the issue allows 5 s; the CLI's notice makes it immediate"
     assert code == CloseCode.KEY_REVOKED == 4004
     assert events[-1]["code"] == "key_revoked"
     # ... and the key no longer opens a connection.

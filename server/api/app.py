@@ -42,31 +42,38 @@ class AppState:
     started_ns: int
 
 
+def enforce_revocations(st: AppState) -> None:
+    """Re-read the key file if it changed; close every socket whose key is no longer active."""
+    try:
+        st.keys.refresh()
+    except Exception:  # a locked or damaged key file must not stop the caller
+        log.exception("could not re-read API keys")
+        return
+    for sub in list(st.hub.subscribers):
+        if not st.keys.is_active(sub.key_id):
+            sub.close(
+                CloseCode.KEY_REVOKED,
+                protocol.error(
+                    "key_revoked", "this key was revoked; ask for a new one", fatal=True
+                ),
+            )
+
+
 async def maintain(st: AppState) -> None:
-    """Every second: enforce revocations and send heartbeats; now and then refresh quotas and
-    drop idle channels."""
+    """Every second or sooner: enforce revocations and send heartbeats; every ten rounds,
+    refresh connection quotas and drop idle channels."""
     s = st.settings
-    tick = 0
+    rounds = 0
     while True:
-        await asyncio.sleep(min(1.0, s.key_refresh_s, s.heartbeat_s))
-        tick += 1
-        try:
-            st.keys.refresh()
-        except Exception:  # a locked or damaged key file must not stop the loop
-            log.exception("could not re-read API keys")
+        await asyncio.sleep(min(s.key_refresh_s, s.heartbeat_s))
+        rounds += 1
+        enforce_revocations(st)
         now = time.monotonic()
         for sub in list(st.hub.subscribers):
-            if not st.keys.is_active(sub.key_id):
-                sub.close(
-                    CloseCode.KEY_REVOKED,
-                    protocol.error(
-                        "key_revoked", "this key was revoked; ask for a new one", fatal=True
-                    ),
-                )
-            elif now - sub.last_send >= s.heartbeat_s:
+            if sub.close_code is None and now - sub.last_send >= s.heartbeat_s:
                 sub.last_send = now
                 sub.send(protocol.heartbeat())
-        if tick % 10 == 0:
+        if rounds % 10 == 0:
             await st.quota.refresh((sub.key_id, sub.conn_id) for sub in st.hub.subscribers)
             await st.hub.sweep()
 
@@ -131,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             time.time_ns(),
         )
         app.state.tp = st
+        hub.on_control = lambda _channel, _payload: enforce_revocations(st)
         await hub.start()
         bootstrap_admin(keys, settings)
         task = asyncio.create_task(maintain(st))

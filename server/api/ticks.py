@@ -20,6 +20,8 @@ def parse_symbols(raw: str | None, limit: int) -> list[str]:
     if raw is None or not raw.strip():
         raise ApiError(422, "bad_parameter", "symbols is required, e.g. ?symbols=AAPL,MSFT")
     syms = list(dict.fromkeys(s.strip().upper() for s in raw.split(",") if s.strip()))
+    if not syms:
+        raise ApiError(422, "bad_parameter", "symbols is empty, e.g. ?symbols=AAPL,MSFT")
     bad = [s[:40] for s in syms if not is_valid_symbol(s)]
     if bad:
         raise ApiError(

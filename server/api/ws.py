@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tickpipe.ws")
 WS_SCOPES = ("realtime", "replay", "admin")
+MAX_BAD_STREAK = 20  # consecutive unusable messages before the connection is closed (4000)
 
 
 async def close_with(
@@ -142,6 +143,7 @@ class Session:
         self.key = key
         self.sub = sub
         self.limit = _RateLimit(st.settings.max_msgs_per_s)
+        self.bad_streak = 0
 
     async def read_loop(self) -> None:
         s = self.st.settings
@@ -168,18 +170,29 @@ class Session:
                 )
                 continue
             text = msg.get("text")
-            if text is None:
-                self.sub.send(
-                    protocol.error(
+            try:
+                if text is None:
+                    raise ProtocolError(
                         "bad_request", "binary frames are not accepted; send JSON text frames"
                     )
-                )
-                continue
-            try:
                 op = protocol.parse_client_message(text, s.max_inbound_bytes)
             except ProtocolError as exc:
+                self.bad_streak += 1
+                if self.bad_streak >= MAX_BAD_STREAK:
+                    self.sub.close(
+                        CloseCode.BAD_REQUEST,
+                        protocol.error(
+                            "bad_request",
+                            f"{MAX_BAD_STREAK} unusable messages in a row ({exc.message}); "
+                            "check the protocol (contracts/asyncapi.yaml) and reconnect",
+                            exc.req_id,
+                            fatal=True,
+                        ),
+                    )
+                    return
                 self.sub.send(protocol.error(exc.code, exc.message, exc.req_id))
                 continue
+            self.bad_streak = 0
             if isinstance(op, protocol.Subscribe):
                 await self.subscribe(op)
             elif isinstance(op, protocol.Unsubscribe):
