@@ -255,6 +255,7 @@ class Hub:
         self._down_since: float | None = None
         self._ever_up = False
         self._dirty: set[Subscriber] = set()
+        self.on_lost: list[Callable[[], None]] = []  # called when the pub/sub connection drops
         self._flush_s = settings.flush_ms / 1000
 
     # -- lifecycle --
@@ -399,6 +400,8 @@ class Hub:
             log.warning("redis pub/sub connection unavailable (%s); reconnecting", exc)
             self._down_since = time.time()
             self.redis_up = False
+            for forget in self.on_lost:
+                forget()
             for sub in self.subscribers:
                 if sub.symbols:
                     sub.send(

@@ -99,3 +99,31 @@ async def test_healthz_needs_no_key(stack: Stack) -> None:
         r = await http.get("/healthz")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "redis": "up"}
+
+
+async def test_repeat_requests_are_answered_from_memory_and_follow_live_ticks(own_stack) -> None:
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    s: Stack = own_stack(feed_rate=1000)
+    key = s.key("rest-cache")
+    await asyncio.sleep(0.5)  # let AAPL trade at least once
+    r = aredis.Redis.from_url(s.redis.url)
+    async with s.http() as http:
+        assert b"tp:tick:AAPL" not in await r.pubsub_channels("tp:tick:*")
+        seqs = []
+        for _ in range(4):
+            resp = await http.get("/ticks/realtime?symbols=AAPL", headers=auth(key))
+            assert resp.status_code == 200
+            tick = resp.json()["ticks"][0]
+            assert max(tick["trade"]["seq"], tick["quote"]["seq"]) == tick["seq"]
+            seqs.append(tick["seq"])
+            redis_seq = int(await r.hget("tp:sym:AAPL", "seq"))
+            assert tick["seq"] <= redis_seq
+            await asyncio.sleep(0.3)
+        # After the first request the web process listens to AAPL itself ...
+        assert b"tp:tick:AAPL" in await r.pubsub_channels("tp:tick:*")
+    await r.aclose()
+    # ... and its answers keep moving with the feed.
+    assert seqs == sorted(seqs) and seqs[-1] > seqs[0]

@@ -25,6 +25,7 @@ from server.auth import ConnectionQuota, KeyStore
 from server.bus import Bus
 from server.config import Settings, get_settings
 from server.hub import Hub
+from server.latest import LatestCache
 from server.protocol import CloseCode
 
 log = logging.getLogger("tickpipe.web")
@@ -39,6 +40,7 @@ class AppState:
     hub: Hub
     keys: KeyStore
     quota: ConnectionQuota
+    latest: LatestCache
     started_ns: int
 
 
@@ -75,6 +77,7 @@ async def maintain(st: AppState) -> None:
                 sub.send(protocol.heartbeat())
         if rounds % 10 == 0:
             await st.quota.refresh((sub.key_id, sub.conn_id) for sub in st.hub.subscribers)
+            st.latest.evict_idle()
             await st.hub.sweep()
 
 
@@ -135,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             hub,
             keys,
             ConnectionQuota(redis, settings.max_conns_per_key),
+            LatestCache(hub, bus),
             time.time_ns(),
         )
         app.state.tp = st

@@ -1,4 +1,8 @@
-"""REST routes for ticks: ``GET /ticks/realtime`` (the latest trade and quote per symbol)."""
+"""REST routes for ticks: ``GET /ticks/realtime`` (the latest trade and quote per symbol).
+
+Answered from the web process's last-value cache (``server.latest``) once a symbol is in it,
+else from Redis.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def parse_symbols(raw: str | None, limit: int) -> list[str]:
     return syms
 
 
-def _with_age(event: bytes | None, now_ns: int) -> dict[str, object] | None:
+def _with_age(event: str | bytes | None, now_ns: int) -> dict[str, object] | None:
     if event is None:
         return None
     tick = orjson.loads(event)
@@ -51,28 +55,37 @@ async def realtime(request: Request) -> Response:
         raise ApiError(
             403, "not_entitled", f"key {key.name!r} may not see these symbols", symbols=denied
         )
-    bus = request.app.state.tp.bus
-    try:
-        latest = await bus.latest(syms)
-        missing = [s for s in syms if latest[s].epoch is None]
-        known = await bus.are_known(missing) if missing else []
-    except (RedisError, OSError):
-        raise ApiError(
-            503, "unavailable", "live data store (Redis) unreachable; retry shortly"
-        ) from None
-    unknown = [s for s, k in zip(missing, known, strict=True) if not k]
-    if unknown:
-        raise ApiError(404, "unknown_symbol", "no feed publishes these symbols", symbols=unknown)
+    st = request.app.state.tp
+    rows: dict[str, tuple[int | None, int, str | bytes | None, str | bytes | None]] = {
+        sym: (e.epoch, e.seq, e.trade, e.quote) for sym, e in st.latest.get(syms).items()
+    }
+    missing = [s for s in syms if s not in rows]
+    if missing:  # not in memory yet: ask Redis, and keep them in memory from now on
+        try:
+            latest = await st.bus.latest(missing)
+            blank = [s for s in missing if latest[s].epoch is None]
+            known = await st.bus.are_known(blank) if blank else []
+        except (RedisError, OSError):
+            raise ApiError(
+                503, "unavailable", "live data store (Redis) unreachable; retry shortly"
+            ) from None
+        unknown = [s for s, k in zip(blank, known, strict=True) if not k]
+        if unknown:
+            raise ApiError(
+                404, "unknown_symbol", "no feed publishes these symbols", symbols=unknown
+            )
+        rows.update((s, (v.epoch, v.seq, v.trade, v.quote)) for s, v in latest.items())
+        st.latest.track([s for s in missing if latest[s].epoch is not None])
     now = time.time_ns()
     body = {
         "server_time": now,
         "ticks": [
             {
                 "sym": s,
-                "epoch": latest[s].epoch,
-                "seq": latest[s].seq,
-                "trade": _with_age(latest[s].trade, now),
-                "quote": _with_age(latest[s].quote, now),
+                "epoch": rows[s][0],
+                "seq": rows[s][1],
+                "trade": _with_age(rows[s][2], now),
+                "quote": _with_age(rows[s][3], now),
             }
             for s in syms
         ],
