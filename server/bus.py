@@ -113,8 +113,13 @@ for g = 1, ngroups do
   local frag = table.concat(parts, ',')
   redis.call('XADD', skey, 'MINID', '~', tostring(math.max(0, last - maxhist)),
     string.format('%d', first) .. '-0', 'n', n, 'd', frag)
-  if last_trade then redis.call('HSET', hkey, 'trade', last_trade) end
-  if last_quote then redis.call('HSET', hkey, 'quote', last_quote) end
+  if last_trade and last_quote then
+    redis.call('HSET', hkey, 'trade', last_trade, 'quote', last_quote)
+  elseif last_trade then
+    redis.call('HSET', hkey, 'trade', last_trade)
+  else
+    redis.call('HSET', hkey, 'quote', last_quote)
+  end
   redis.call('PUBLISH', 'tp:tick:' .. sym, prefix .. frag)
   out[#out + 1] = sym
   out[#out + 1] = epoch

@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from urllib.parse import urlparse
 
-from server.config import get_settings
+from server.config import Settings, get_settings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
@@ -120,20 +120,29 @@ def _feed(_: argparse.Namespace) -> int:
     return 0
 
 
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    """How ``tickpipe web`` runs uvicorn (the benchmarks run the app the same way)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.web_workers,
+        "ws_max_size": 16 * 1024 * 1024,
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_timeout_s,
+        # Compression is per connection: it would undo "encode once, same bytes for everyone".
+        "ws_per_message_deflate": settings.ws_compression,
+        "log_level": "info",
+    }
+
+
 def _web(args: argparse.Namespace) -> int:
     import uvicorn
 
-    s = get_settings()
     uvicorn.run(
         "server.api.app:create_app",
         factory=True,
-        host=s.host,
-        port=s.port,
-        ws_max_size=16 * 1024 * 1024,
-        ws_ping_interval=s.ws_ping_interval_s,
-        ws_ping_timeout=s.ws_ping_timeout_s,
         access_log=args.access_log,
-        log_level="info",
+        **uvicorn_options(get_settings()),
     )
     return 0
 

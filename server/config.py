@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     # WebSocket fan-out limits
     heartbeat_s: float = Field(10.0, gt=0)
     auth_timeout_s: float = Field(5.0, gt=0)
+    ws_compression: bool = Field(
+        False,
+        description="permessage-deflate for clients that offer it: costs CPU per connection and "
+        "undoes encode-once fan-out",
+    )
+    web_workers: int = Field(1, ge=1, description="uvicorn worker processes for `tickpipe web`")
     ws_ping_interval_s: float = Field(20.0, gt=0)
     ws_ping_timeout_s: float = Field(20.0, gt=0)
     conflate_bytes: int = Field(

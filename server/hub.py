@@ -240,7 +240,11 @@ class Hub:
         self.bus = bus
         # RESP2: pub/sub messages come back from read_response (RESP3 routes them to push handlers).
         self._pool = ConnectionPool.from_url(
-            settings.redis_url, socket_connect_timeout=2, retry=None, protocol=2
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=None,  # idle is normal here; the watchdog below finds a dead Redis
+            retry=None,
+            protocol=2,
         )
         self._conn: Connection | None = None
         self._channels: dict[bytes, _Channel] = {}
@@ -254,6 +258,7 @@ class Hub:
         self.messages_in = 0
         self._down_since: float | None = None
         self._ever_up = False
+        self._received = 0  # replies read on the pub/sub connection, for the watchdog
         self._dirty: set[Subscriber] = set()
         self.on_lost: list[Callable[[], None]] = []  # called when the pub/sub connection drops
         self._flush_s = settings.flush_ms / 1000
@@ -443,16 +448,35 @@ class Hub:
         channels = self._channels
         prefix = CHANNEL_PREFIX.encode()
         plen = len(prefix)
-        pinged = False
+        watchdog = asyncio.get_running_loop().create_task(self._watch(conn))
+        try:
+            await self._dispatch_loop(conn, channels, prefix, plen)
+        finally:
+            watchdog.cancel()
+
+    async def _watch(self, conn: Connection) -> None:
+        """PING when the connection has been quiet; drop it if even the PING gets no answer."""
+        seen = -1
         while True:
-            msg = await conn.read_response(timeout=PING_AFTER_S, disable_decoding=True)
-            if msg is None:  # idle: make sure Redis is still there
-                if pinged:
-                    raise RedisError(f"no answer to PING within {PING_AFTER_S}s")
-                await conn.send_command("PING")
-                pinged = True
+            await asyncio.sleep(PING_AFTER_S)
+            if self._received != seen:
+                seen = self._received
                 continue
-            pinged = False
+            await conn.send_command("PING")
+            await asyncio.sleep(PING_AFTER_S)
+            if self._received == seen:
+                log.warning(
+                    "redis pub/sub silent for %.0fs, even to PING; reconnecting", 2 * PING_AFTER_S
+                )
+                await conn.disconnect()
+                return
+
+    async def _dispatch_loop(
+        self, conn: Connection, channels: dict[bytes, _Channel], prefix: bytes, plen: int
+    ) -> None:
+        while True:
+            msg = await conn.read_response(disable_decoding=True)
+            self._received += 1
             if not isinstance(msg, list) or len(msg) < 3:
                 continue
             kind = msg[0]

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python bench/fanout.py`` (see its docstring). Not part of the test suite."""
