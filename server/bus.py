@@ -11,7 +11,9 @@ Per symbol ``S``:
 * ``tp:tick:S``  pub/sub channel; each message is one or more comma-joined event objects, ready to
                  be wrapped in ``[...]`` and sent to WebSocket clients as they are
 
-and ``tp:symbols`` (set of every symbol ever published), ``tp:ctl:keys`` (revocation notices).
+and ``tp:symbols`` (set of every symbol ever published), ``tp:ctl:keys`` (revocation notices),
+``tp:log`` (the tickerplant log: one stream entry per published batch, fields ``e`` =
+``SYM=epoch,...`` and ``d`` = every event of the batch; the recorder consumes it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from server.ticks import Tick, Trade
 SYMBOLS_KEY = "tp:symbols"
 CHANNEL_PREFIX = "tp:tick:"
 FEED_KEY_PREFIX = "tp:feed:"
+LOG_KEY = "tp:log"
 # Published (payload: the key's name) when a key is revoked, so web processes act at once;
 # they also re-read the key file every second, which covers a missed message.
 KEYS_CHANNEL = "tp:ctl:keys"
@@ -76,8 +79,11 @@ def encode_tail(tick: Tick) -> bytes:
 # publishes, all atomically. Events are built by string concatenation: no JSON work in Lua.
 PUBLISH_BATCH_LUA = r"""
 local maxhist = tonumber(ARGV[1])
+local maxlog = ARGV[3]
 local ngroups = tonumber(ARGV[2])
-local i = 3
+local i = 4
+local logparts = {}
+local logepochs = {}
 local out = {}
 for g = 1, ngroups do
   local sym = ARGV[i]
@@ -121,10 +127,15 @@ for g = 1, ngroups do
     redis.call('HSET', hkey, 'quote', last_quote)
   end
   redis.call('PUBLISH', 'tp:tick:' .. sym, prefix .. frag)
+  logparts[#logparts + 1] = frag
+  logepochs[#logepochs + 1] = sym .. '=' .. epoch
   out[#out + 1] = sym
   out[#out + 1] = epoch
   out[#out + 1] = last
 end
+-- The tickerplant log: one entry per batch, read by the recorder through a consumer group.
+redis.call('XADD', 'tp:log', 'MAXLEN', '~', maxlog, '*',
+  'e', table.concat(logepochs, ','), 'd', table.concat(logparts, ','))
 return out
 """
 
@@ -148,9 +159,12 @@ class Latest:
 class Bus:
     """The feed's and the web's view of Redis, in tickpipe's wire format."""
 
-    def __init__(self, redis: Redis, history_per_symbol: int = 100_000) -> None:
+    def __init__(
+        self, redis: Redis, history_per_symbol: int = 100_000, log_max_batches: int = 500_000
+    ) -> None:
         self.redis = redis
         self.history_per_symbol = history_per_symbol
+        self.log_max_batches = log_max_batches
         self._publish = redis.register_script(PUBLISH_BATCH_LUA)
 
     async def publish(self, ticks: Iterable[Tick]) -> dict[str, SeqState]:
@@ -161,7 +175,11 @@ class Bus:
             groups.setdefault(tick.sym, []).extend((kind, encode_tail(tick)))
         if not groups:
             return {}
-        args: list[bytes | str | int] = [self.history_per_symbol, len(groups)]
+        args: list[bytes | str | int] = [
+            self.history_per_symbol,
+            len(groups),
+            self.log_max_batches,
+        ]
         for sym, items in groups.items():
             args.extend((sym, len(items) // 2))
             args.extend(items)

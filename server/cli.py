@@ -135,6 +135,13 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
     }
 
 
+def _recorder(_: argparse.Namespace) -> int:
+    from server.recorder import run_recorder
+
+    asyncio.run(run_recorder(get_settings()))
+    return 0
+
+
 def _web(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -168,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=_redis
     )
     sub.add_parser("feed", help="run the simulated feed").set_defaults(func=_feed)
+    sub.add_parser("recorder", help="store every published tick as Parquet").set_defaults(
+        func=_recorder
+    )
     w = sub.add_parser("web", help="run the web process (REST, WebSocket, dashboard)")
     w.add_argument("--access-log", action="store_true")
     w.set_defaults(func=_web)

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     feed_seed: int = 7
     feed_name: str = "sim"
     history_per_symbol: int = Field(100_000, ge=100, description="events kept per symbol in Redis")
+    log_max_batches: int = Field(
+        500_000,
+        ge=1000,
+        description="batches kept in the tickerplant log (tp:log) for the recorder",
+    )
+
+    # Recorder
+    recorder_flush_s: float = Field(1.0, gt=0, description="longest a tick waits to be stored")
+    recorder_batch: int = Field(2000, ge=1, description="log entries per read and per flush")
 
     # WebSocket fan-out limits
     heartbeat_s: float = Field(10.0, gt=0)

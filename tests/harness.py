@@ -113,7 +113,9 @@ class Proc:
 class Stack:
     """Redis + web (+ feed) with their own settings; ``settings`` are TICKPIPE_* overrides."""
 
-    def __init__(self, workdir: Path, feed: bool = True, **settings: Any) -> None:
+    def __init__(
+        self, workdir: Path, feed: bool = True, recorder: bool = False, **settings: Any
+    ) -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.redis = RedisProcess(workdir)
@@ -132,6 +134,7 @@ class Stack:
         self.env = env
         self.web = Proc(["web"], env, workdir / "web.log")
         self.feed = Proc(["feed"], env, workdir / "feed.log") if feed else None
+        self.recorder = Proc(["recorder"], env, workdir / "recorder.log") if recorder else None
         self._keys: KeyStore | None = None
 
     @property
@@ -149,6 +152,8 @@ class Stack:
     def start(self) -> Stack:
         self.redis.start()
         self.start_web()
+        if self.recorder is not None:
+            self.recorder.start()
         if self.feed is not None:
             self.feed.start()
             self.wait_for_ticks()
@@ -157,6 +162,8 @@ class Stack:
     def stop(self) -> None:
         if self.feed is not None:
             self.feed.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         self.web.stop()
         self.redis.kill()
         if self._keys is not None:

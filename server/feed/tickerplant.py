@@ -33,7 +33,7 @@ class Tickerplant:
         self.settings = settings
         self.source = source
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-        self.bus = Bus(self.redis, settings.history_per_symbol)
+        self.bus = Bus(self.redis, settings.history_per_symbol, settings.log_max_batches)
         self.published = 0
         self.rejected: collections.Counter[str] = collections.Counter()
         self.last_rejects: collections.deque[dict[str, object]] = collections.deque(maxlen=10)

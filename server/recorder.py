@@ -1,0 +1,218 @@
+"""The recorder: reads the tickerplant log (``tp:log``) and stores every tick exactly once.
+
+History is immutable Parquet files under ``<data_dir>/history/date=YYYY-MM-DD/``, one file per
+flush, sorted by (sym, ts, seq), named by the range of log entry ids it holds:
+``<first id>_<last id>.parquet``. A file is written to a temporary name, fsynced and renamed into
+place; only then are its log entries acknowledged. On start the recorder takes the highest
+stored entry id as its high-water mark and skips (acknowledges) any redelivered entry at or
+below it, so a SIGKILL at any moment neither loses nor doubles a tick: an entry is either in
+exactly one renamed file, or still pending in the consumer group.
+
+Why files and not one DuckDB database: DuckDB allows one writer process per database file and a
+second process cannot even open it while it is held; immutable Parquet files can be read by any
+number of web processes with DuckDB while the recorder writes (see plan.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import polars as pl
+from redis import exceptions as rx
+from redis.asyncio import Redis
+
+from server.bus import LOG_KEY
+from server.config import Settings
+from server.ticks import TICK_SCHEMA
+
+log = logging.getLogger("tickpipe.recorder")
+GROUP = "recorder"
+RECORDER_KEY = "tp:recorder"
+REDIS_DOWN = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError)
+
+# Stored rows: the tick table plus where each tick stands in its symbol's sequence.
+SCHEMA: dict[str, pl.DataType] = {
+    **{k: v for k, v in TICK_SCHEMA.items() if k in ("sym", "type", "ts")},
+    "epoch": pl.Int64(),
+    "seq": pl.Int64(),
+    **{k: v for k, v in TICK_SCHEMA.items() if k not in ("sym", "type", "ts")},
+}
+
+
+def history_dir(settings: Settings) -> Path:
+    return settings.data_dir / "history"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+def stored_high_water(root: Path) -> tuple[int, int]:
+    """The highest log entry id held by a stored file ((0, 0) when there is none)."""
+    best = (0, 0)
+    for f in root.glob("date=*/*.parquet"):
+        last = f.stem.partition("_")[2]
+        with contextlib.suppress(ValueError):
+            best = max(best, _id_key(last))
+    return best
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def entries_to_frame(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> pl.DataFrame:
+    """Tick rows of these log entries (status events are not ticks and are left out)."""
+    rows: list[dict[str, object]] = []
+    for entry_id, fields in entries:
+        if not fields:  # trimmed from the log before it was stored: a gap the index will show
+            log.error("log entry %s was trimmed before it was stored", entry_id)
+            continue
+        epochs = dict(p.split("=", 1) for p in fields[b"e"].decode().split(",") if p)
+        for ev in orjson.loads(b"[" + fields[b"d"] + b"]"):
+            if ev.get("type") in ("trade", "quote"):
+                ev["epoch"] = int(epochs[ev["sym"]])
+                rows.append(ev)
+    if not rows:
+        return pl.DataFrame(schema=SCHEMA)
+    frame = pl.from_dicts(rows, schema={**SCHEMA, "ts": pl.Int64()})
+    return frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC"))).select(list(SCHEMA))
+
+
+def write_file(root: Path, frame: pl.DataFrame, first_id: str, last_id: str) -> Path:
+    """Atomically place one immutable, sorted Parquet file; returns its path."""
+    frame = frame.sort(["sym", "ts", "seq"])
+    day = frame["ts"].min().strftime("%Y-%m-%d")  # type: ignore[union-attr]
+    part = root / f"date={day}"
+    part.mkdir(parents=True, exist_ok=True)
+    final = part / f"{first_id}_{last_id}.parquet"
+    tmp = part / f".{final.name}.tmp"
+    frame.write_parquet(tmp, compression="zstd", row_group_size=128 * 1024, statistics=True)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(part)
+    return final
+
+
+class Recorder:
+    def __init__(self, settings: Settings, consumer: str = "r1") -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.root = history_dir(settings)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob("date=*/.*.tmp"):  # a write cut short by a crash
+            stale.unlink()
+        self.hwm = stored_high_water(self.root)
+        self.redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2)
+        self.rows_stored = 0
+        self.last_flush_ns = 0
+        self.last_tick_ns = 0
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(LOG_KEY, GROUP, id="0", mkstream=True)
+        except rx.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read(self, pending: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply = await self.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            {LOG_KEY: "0" if pending else ">"},
+            count=self.settings.recorder_batch,
+            block=None if pending else 200,
+        )
+        return reply[0][1] if reply else []
+
+    async def flush(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Store the entries above the high-water mark, then acknowledge all of them."""
+        fresh = [e for e in entries if _id_key(e[0].decode()) > self.hwm]
+        if fresh:
+            frame = entries_to_frame(fresh)
+            first, last = fresh[0][0].decode(), fresh[-1][0].decode()
+            if frame.height:
+                await asyncio.to_thread(write_file, self.root, frame, first, last)
+                self.rows_stored += frame.height
+                self.last_tick_ns = int(frame["ts"].max().timestamp() * 1e9)  # type: ignore[union-attr]
+            self.hwm = _id_key(last)
+            self.last_flush_ns = time.time_ns()
+        await self.redis.xack(LOG_KEY, GROUP, *[e[0] for e in entries])
+
+    async def run(self) -> None:
+        s = self.settings
+        pending_phase = True
+        buffer: list[tuple[bytes, dict[bytes, bytes]]] = []
+        started = time.monotonic()
+        reporter = asyncio.create_task(self._report())
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._ensure_group()
+                    entries = await self._read(pending_phase)
+                    if pending_phase and not entries:
+                        pending_phase = False  # redelivered backlog done; now new entries
+                    buffer.extend(entries)
+                    due = time.monotonic() - started >= s.recorder_flush_s
+                    if buffer and (due or len(buffer) >= s.recorder_batch or pending_phase):
+                        await self.flush(buffer)
+                        buffer = []
+                        started = time.monotonic()
+                    elif not buffer:
+                        started = time.monotonic()
+                except REDIS_DOWN as exc:
+                    log.warning("redis unreachable (%s); retrying", exc)
+                    buffer = []  # unacknowledged: they come back as pending
+                    pending_phase = True
+                    await asyncio.sleep(0.5)
+        finally:
+            reporter.cancel()
+            await self.redis.aclose()
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(*REDIS_DOWN, rx.ResponseError):
+                groups = await self.redis.xinfo_groups(LOG_KEY)
+                lag = next((g.get("lag") for g in groups if g["name"] == GROUP.encode()), None)
+                now = time.time_ns()
+                await self.redis.hset(
+                    RECORDER_KEY,
+                    mapping={
+                        "pid": os.getpid(),
+                        "rows_stored": self.rows_stored,
+                        "lag_batches": -1 if lag is None else lag,
+                        "lag_s": round((now - self.last_tick_ns) / 1e9, 3)
+                        if self.last_tick_ns
+                        else -1,
+                        "last_flush_ns": self.last_flush_ns,
+                        "updated_ns": now,
+                    },
+                )
+                await self.redis.expire(RECORDER_KEY, 10)
+
+
+async def run_recorder(settings: Settings) -> None:
+    rec = Recorder(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, rec.stop)
+    log.info("recording %s into %s (high-water mark %s)", LOG_KEY, rec.root, rec.hwm)
+    await rec.run()
