@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import urlparse
 
 from server.config import Settings, get_settings
@@ -135,6 +136,32 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
     }
 
 
+def _import(args: argparse.Namespace) -> int:
+    from server.importers import FORMATS, import_file
+    from server.recorder import history_dir
+
+    if args.format not in FORMATS:
+        print(f"error: unknown format {args.format!r}; use one of {', '.join(FORMATS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    day = datetime.strptime(args.date, "%Y-%m-%d").date() if args.date else None
+    history = history_dir(get_settings())
+    status = 0
+    for path in args.paths:
+        try:
+            r = import_file(history, path, args.format, symbol=args.symbol, date=day)
+        except (ValueError, OSError) as exc:
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(
+            f"{path}: read {r.read}, stored {r.stored}, rejected {r.rejected}, "
+            f"duplicate {r.duplicate}, skipped {r.skipped} (epoch {r.epoch})"
+            + (f"; rejects in {r.rejects_file}" if r.rejects_file else "")
+        )
+    return status
+
+
 def _recorder(_: argparse.Namespace) -> int:
     from server.recorder import run_recorder
 
@@ -175,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         func=_redis
     )
     sub.add_parser("feed", help="run the simulated feed").set_defaults(func=_feed)
+    imp = sub.add_parser("import", help="load vendor tick files into history")
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--format", required=True, help="tardis-trades, tardis-quotes, histdata, "
+                     "lobster, lean or csv")  # fmt: skip
+    imp.add_argument("--symbol", help="for files that do not name it (histdata, lobster)")
+    imp.add_argument("--date", help="YYYY-MM-DD, for files that do not carry it (lobster)")
+    imp.set_defaults(func=_import)
     sub.add_parser("recorder", help="store every published tick as Parquet").set_defaults(
         func=_recorder
     )
