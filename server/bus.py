@@ -60,13 +60,12 @@ def encode_tail(tick: Tick) -> bytes:
         if tick.side is not None:
             body["side"] = tick.side
     else:
-        body = {
-            "ts": tick.ts,
-            "bid": tick.bid,
-            "bid_size": tick.bid_size,
-            "ask": tick.ask,
-            "ask_size": tick.ask_size,
-        }
+        body = {"ts": tick.ts, "bid": tick.bid}
+        if tick.bid_size is not None:
+            body["bid_size"] = tick.bid_size
+        body["ask"] = tick.ask
+        if tick.ask_size is not None:
+            body["ask_size"] = tick.ask_size
         if tick.crossed:
             body["crossed"] = True
     if tick.venue is not None:

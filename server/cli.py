@@ -114,10 +114,21 @@ def _redis(_: argparse.Namespace) -> int:
     )  # fmt: skip
 
 
-def _feed(_: argparse.Namespace) -> int:
+def _feed(args: argparse.Namespace) -> int:
     from server.feed.tickerplant import run_feed
 
-    asyncio.run(run_feed(get_settings()))
+    source = None
+    if args.file is not None:
+        from server.feed.replay import FileReplay
+        from server.importers import read_file
+
+        try:
+            result = read_file(args.file, args.format, symbol=args.symbol)
+            source = FileReplay(result.ticks, args.speed, args.file.name)
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    asyncio.run(run_feed(get_settings(), source))
     return 0
 
 
@@ -201,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("redis", help="run a local redis-server unless one answers").set_defaults(
         func=_redis
     )
-    sub.add_parser("feed", help="run the simulated feed").set_defaults(func=_feed)
+    feed = sub.add_parser("feed", help="run the feed: simulated, or a tick file replayed live")
+    feed.add_argument("--file", type=Path, help="replay this tick file instead of simulating")
+    feed.add_argument("--format", default="csv", help="the file's format (see 'import')")
+    feed.add_argument("--symbol", help="for files that do not name it")
+    feed.add_argument("--speed", type=float, default=1.0, help="1 = real time, 10 = ten times")
+    feed.set_defaults(func=_feed)
     imp = sub.add_parser("import", help="load vendor tick files into history")
     imp.add_argument("paths", nargs="+", type=Path)
     imp.add_argument("--format", required=True, help="tardis-trades, tardis-quotes, histdata, "

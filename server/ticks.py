@@ -51,9 +51,9 @@ class Quote:
     sym: str
     ts: int
     bid: float
-    bid_size: float
+    bid_size: float | None
     ask: float
-    ask_size: float
+    ask_size: float | None
     venue: str | None = None
 
     @property
@@ -92,7 +92,8 @@ def reject_reason(tick: Tick) -> str | None:
     else:
         if not (_positive(tick.bid) and _positive(tick.ask)):
             return "bad_price"
-        if not (_positive(tick.bid_size) and _positive(tick.ask_size)):
+        # Sizes may be unknown (FX tick files often carry none); if given they must be positive.
+        if not all(x is None or _positive(x) for x in (tick.bid_size, tick.ask_size)):
             return "bad_size"
     if tick.venue is not None and not is_valid_symbol(tick.venue):
         return "bad_venue"

@@ -36,6 +36,7 @@ NOW = 1_790_000_000_000_000_000
         (Quote("EURUSD", NOW, 1.1, 1e6, 1.0999, 1e6), None),  # crossed: kept
         (Quote("AAPL", NOW, 0.0, 1.0, 1.0, 1.0), "bad_price"),
         (Quote("AAPL", NOW, 1.0, -5.0, 1.1, 1.0), "bad_size"),
+        (Quote("EURUSD", NOW, 1.1, None, 1.1001, None), None),  # sizes unknown: allowed
     ],
 )
 def test_every_tick_is_validated_before_publishing(tick, reason) -> None:

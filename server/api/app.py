@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from server import protocol
 from server.api.errors import ApiError, api_error_handler
+from server.api.history import historical
 from server.api.ticks import realtime
 from server.api.ws import ws_endpoint
 from server.auth import ConnectionQuota, KeyStore
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/healthz", healthz),
         Route("/ticks/realtime", realtime),
+        Route("/ticks/historical", historical),
         WebSocketRoute("/ws", ws_endpoint),
         Mount("/", StaticFiles(directory=WEB_DIR, html=True, check_dir=False), name="web"),
     ]

@@ -36,8 +36,10 @@ def _cents(x: float) -> float:
 class Simulator:
     """Generates interleaved trades and quotes for a set of symbols; same seed, same ticks."""
 
-    def __init__(self, symbols: list[str], seed: int = 7) -> None:
+    def __init__(self, symbols: list[str], seed: int = 7, rate: float = 2000.0) -> None:
         self.rng = random.Random(seed)
+        self.rate = rate
+        self._owed = 0.0
         self.symbols = list(symbols)
         self.books: dict[str, _Book] = {}
         for sym in self.symbols:
@@ -53,6 +55,16 @@ class Simulator:
         spread = max(TICK_SIZE, _cents(book.mid * book.spread_bps / 1e4))
         book.bid = _cents(book.mid - spread / 2)
         book.ask = _cents(book.bid + spread)
+
+    def describe(self) -> str:
+        return f"simulated ticks for {len(self.symbols)} symbols at {self.rate:.0f} ticks/s"
+
+    def due(self, start_ns: int, end_ns: int) -> list[Tick]:
+        """The ticks of ``[start_ns, end_ns)`` at ``rate`` (at most one second's worth)."""
+        self._owed += self.rate * min(end_ns - start_ns, 10**9) / 1e9
+        n = int(self._owed)
+        self._owed -= n
+        return self.batch(n, start_ns, end_ns) if n else []
 
     def batch(self, n: int, start_ns: int, end_ns: int) -> list[Tick]:
         """``n`` ticks with event times spread over ``[start_ns, end_ns)``."""

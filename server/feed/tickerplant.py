@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from typing import Protocol
 
 import orjson
 from redis import exceptions as rx
@@ -24,12 +25,23 @@ from server.config import Settings
 from server.feed.simulator import Simulator
 from server.ticks import Tick, reject_reason
 
+
+class Source(Protocol):
+    """Where ticks come from: the simulator, or a file replayed as a live feed."""
+
+    symbols: list[str]
+
+    def due(self, start_ns: int, end_ns: int) -> list[Tick]:
+        """The ticks to publish for the wall-clock interval ``[start_ns, end_ns)``."""
+        ...
+
+
 log = logging.getLogger("tickpipe.feed")
 REDIS_DOWN = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError)
 
 
 class Tickerplant:
-    def __init__(self, settings: Settings, source: Simulator) -> None:
+    def __init__(self, settings: Settings, source: Source) -> None:
         self.settings = settings
         self.source = source
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
@@ -107,8 +119,6 @@ class Tickerplant:
     async def run(self) -> None:
         s = self.settings
         interval = s.feed_batch_ms / 1000
-        per_batch = s.feed_rate * interval
-        owed = 0.0
         reporter = asyncio.create_task(self._report())
         try:
             while not self._stop.is_set():
@@ -122,12 +132,10 @@ class Tickerplant:
             next_t = loop.time()
             prev_ns = time.time_ns()
             while not self._stop.is_set():
-                owed += per_batch
-                n = int(owed)
-                owed -= n
                 now_ns = time.time_ns()
-                if n:
-                    await self.publish(self.screen(self.source.batch(n, prev_ns, now_ns)))
+                ticks = self.source.due(prev_ns, now_ns)
+                if ticks:
+                    await self.publish(self.screen(ticks))
                 prev_ns = now_ns
                 next_t += interval
                 delay = next_t - loop.time()
@@ -142,15 +150,11 @@ class Tickerplant:
             await self.redis.aclose()
 
 
-async def run_feed(settings: Settings) -> None:
-    plant = Tickerplant(settings, Simulator(settings.symbols, settings.feed_seed))
+async def run_feed(settings: Settings, source: Source | None = None) -> None:
+    source = source or Simulator(settings.symbols, settings.feed_seed, settings.feed_rate)
+    plant = Tickerplant(settings, source)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, plant.stop)
-    log.info(
-        "simulating %d symbols at %.0f ticks/s (seed %d)",
-        len(settings.symbols),
-        settings.feed_rate,
-        settings.feed_seed,
-    )
+    log.info("publishing %s", source.describe() if hasattr(source, "describe") else source)
     await plant.run()

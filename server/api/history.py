@@ -1,0 +1,291 @@
+"""``GET /ticks/historical``: stored ticks, enriched ticks or bars as JSON, NDJSON, CSV, Parquet
+or Arrow IPC, for a key with the ``historical`` scope.
+
+Queries run in a worker thread (``server.history``); NDJSON, CSV and Arrow stream chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import io
+import os
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import orjson
+import polars as pl
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from server.api.errors import ApiError, require_key
+from server.api.ticks import parse_symbols
+from server.history import (
+    INTERVALS,
+    TYPES,
+    CorruptHistory,
+    HistoryQuery,
+    HistoryReader,
+    decode_cursor,
+    encode_cursor,
+)
+from server.recorder import history_dir
+
+_Encoder = Callable[[pl.DataFrame | None, dict[str, object]], bytes]
+MAX_HISTORICAL_SYMBOLS = 1000
+DEFAULT_LIMIT = 10_000
+MAX_LIMIT = 100_000
+# JSON pages hold their rows in memory; longer ranges should use a streaming format.
+MAX_JSON_RANGE_NS = 31 * 86_400 * 10**9
+CHUNK_ROWS = 50_000
+MEDIA = {
+    "json": "application/json",
+    "ndjson": "application/x-ndjson",
+    "csv": "text/csv",
+    "parquet": "application/vnd.apache.parquet",
+    "arrow": "application/vnd.apache.arrow.stream",
+}
+FORMAT_BY_MEDIA = {v: k for k, v in MEDIA.items()}
+
+
+def parse_time(name: str, raw: str | None) -> int:
+    """ISO-8601 (naive means UTC) or integer ns -> integer ns UTC, or a 422 saying why not."""
+    if raw is None or not raw.strip():
+        raise ApiError(
+            422, "bad_parameter", f"{name} is required: ISO-8601 (e.g. 2026-01-02T14:30:00Z) or ns"
+        )
+    raw = raw.strip()
+    if raw.lstrip("-").isdigit():
+        ns = int(raw)
+        if abs(ns) >= 2**63:
+            raise ApiError(422, "bad_parameter", f"{name} is out of range for nanoseconds")
+        return ns
+    try:
+        # An unescaped "+01:00" in a query string arrives as " 01:00".
+        if "T" in raw and raw.count(" ") == 1:
+            raw = raw.replace(" ", "+")
+        when = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(
+            422,
+            "bad_parameter",
+            f"{name}={raw[:64]!r} is not a time: use ISO-8601 (e.g. 2026-01-02T14:30:00Z, "
+            "naive means UTC) or integer nanoseconds since the epoch",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+def _choose_format(request: Request) -> str:
+    fmt = request.query_params.get("format")
+    if fmt is None:
+        accept = request.headers.get("accept", "")
+        for part in accept.split(","):
+            media = part.split(";")[0].strip().lower()
+            if media in FORMAT_BY_MEDIA:
+                return FORMAT_BY_MEDIA[media]
+        return "json"
+    fmt = fmt.strip().lower()
+    if fmt not in MEDIA:
+        raise ApiError(
+            422,
+            "bad_parameter",
+            f"format={fmt[:32]!r} is unknown; choose one of {', '.join(MEDIA)}",
+            valid=list(MEDIA),
+        )
+    return fmt
+
+
+def _parse_query(request: Request, fmt: str) -> HistoryQuery:
+    qp = request.query_params
+    syms = parse_symbols(qp.get("symbols"), MAX_HISTORICAL_SYMBOLS)
+    start_ns = parse_time("start", qp.get("start"))
+    end_ns = parse_time("end", qp.get("end"))
+    if start_ns >= end_ns:
+        raise ApiError(
+            422, "bad_parameter", "start must be before end (start is inclusive, end exclusive)"
+        )
+    types = tuple(
+        dict.fromkeys(
+            t.strip().lower() for t in qp.get("types", "trade,quote").split(",") if t.strip()
+        )
+    )
+    if not types or any(t not in TYPES for t in types):
+        raise ApiError(422, "bad_parameter", "types is a comma-separated subset of trade,quote")
+    interval = qp.get("interval")
+    if interval is not None and interval not in INTERVALS:
+        raise ApiError(
+            422,
+            "bad_parameter",
+            f"interval={interval[:16]!r} is unknown; choose one of {', '.join(INTERVALS)}",
+            valid=list(INTERVALS),
+        )
+    enriched = qp.get("enriched", "false").lower() in ("1", "true", "yes")
+    limit: int | None = None
+    after = None
+    if fmt == "json":
+        if end_ns - start_ns > MAX_JSON_RANGE_NS:
+            raise ApiError(
+                422,
+                "range_too_large",
+                f"JSON answers ranges up to {MAX_JSON_RANGE_NS // 86_400 // 10**9} days; "
+                "use format=ndjson or format=arrow to stream a longer range",
+            )
+        try:
+            limit = int(qp.get("limit", DEFAULT_LIMIT))
+        except ValueError:
+            raise ApiError(422, "bad_parameter", "limit is an integer") from None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ApiError(422, "bad_parameter", f"limit is between 1 and {MAX_LIMIT}")
+        if qp.get("cursor") and interval is None:
+            try:
+                after = decode_cursor(qp["cursor"])
+            except ValueError as exc:
+                raise ApiError(422, "bad_parameter", str(exc)) from None
+    if interval is not None:  # bars: one answer, not paged
+        limit, after = None, None
+    return HistoryQuery(syms, start_ns, end_ns, types, enriched, interval, after, limit)
+
+
+def _corrupt(exc: CorruptHistory) -> ApiError:
+    return ApiError(
+        500,
+        "corrupt_history",
+        f"a stored history file cannot be read ({exc.detail}); other dates still answer",
+        file=str(exc.path),
+    )
+
+
+async def historical(request: Request) -> Response:
+    key = require_key(request, "historical")
+    fmt = _choose_format(request)
+    q = _parse_query(request, fmt)
+    denied = [s for s in q.syms if not key.allows(s)]
+    if denied:
+        raise ApiError(
+            403, "not_entitled", f"key {key.name!r} may not see these symbols", symbols=denied
+        )
+    root = history_dir(request.app.state.tp.settings)
+    if fmt == "json":
+        body = await _run(_json_page, root, q)
+        return Response(body, media_type=MEDIA["json"])
+    if fmt == "parquet":
+        path = await _run(_parquet_file, root, q)
+        return StreamingResponse(_file_chunks(path), media_type=MEDIA["parquet"])
+    encode = {"ndjson": _ndjson, "csv": _csv, "arrow": _arrow}[fmt]
+    reader = await _run(HistoryReader, root, q)
+    chunks = _frames(reader, ns_ints=fmt != "arrow")
+    first = await _run(next, chunks, None)  # a corrupt file fails here, before the 200
+    return StreamingResponse(_stream(first, chunks, encode, reader), media_type=MEDIA[fmt])
+
+
+async def _run(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except CorruptHistory as exc:
+        raise _corrupt(exc) from None
+
+
+def _frames(reader: HistoryReader, ns_ints: bool) -> Iterator[pl.DataFrame]:
+    yield from reader.chunks(CHUNK_ROWS, ns_ints=ns_ints)
+
+
+def _json_page(root: Path, q: HistoryQuery) -> bytes:
+    reader = HistoryReader(root, q)
+    try:
+        frames = list(reader.chunks(MAX_LIMIT))
+    finally:
+        reader.close()
+    frame = pl.concat(frames) if frames else pl.DataFrame()
+    cursor = None
+    if q.limit is not None and frame.height == q.limit:
+        last = frame.row(-1, named=True)
+        cursor = encode_cursor(last["ts"], last["seq"], last["sym"])
+    rows = frame.write_json().encode() if frame.height else b"[]"
+    tail = orjson.dumps({"count": frame.height, "next_cursor": cursor})
+    return b'{"rows":' + rows + b"," + tail[1:]
+
+
+def _parquet_file(root: Path, q: HistoryQuery) -> Path:
+    fd, name = tempfile.mkstemp(prefix="tickpipe-history-", suffix=".parquet")
+    os.close(fd)
+    path = Path(name)
+    reader = HistoryReader(root, q)
+    try:
+        reader.copy_parquet(path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        reader.close()
+    return path
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    fh = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(fh.read, 1 << 20):
+            yield chunk
+    finally:
+        fh.close()
+        await asyncio.to_thread(path.unlink, True)
+
+
+async def _stream(
+    first: pl.DataFrame | None,
+    chunks: Iterator[pl.DataFrame],
+    encode: _Encoder,
+    reader: HistoryReader,
+) -> AsyncIterator[bytes]:
+    state: dict[str, object] = {}
+    try:
+        frame = first
+        while frame is not None:
+            yield encode(frame, state)
+            frame = await asyncio.to_thread(next, chunks, None)
+        yield encode(None, state)
+    finally:
+        with contextlib.suppress(Exception):
+            chunks.close()  # type: ignore[attr-defined]
+        reader.close()
+
+
+def _ndjson(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
+    return b"" if frame is None else frame.write_ndjson().encode()
+
+
+def _csv(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
+    if frame is None:
+        return b""
+    header = "header" not in state
+    state["header"] = True
+    return frame.write_csv(include_header=header).encode()
+
+
+# An Arrow IPC stream is one schema message, then record batches, then an end marker. Polars
+# writes a whole stream per frame, so each chunk keeps only its record batches.
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def _arrow(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
+    if frame is None:
+        if "schema" not in state:  # no rows at all: still a valid, empty stream
+            buf = io.BytesIO()
+            pl.DataFrame().write_ipc_stream(buf)
+            return buf.getvalue()
+        return _EOS
+    buf = io.BytesIO()
+    frame.write_ipc_stream(buf, compat_level=pl.CompatLevel.oldest())
+    stream = buf.getvalue()
+    assert stream.endswith(_EOS)
+    stream = stream[: -len(_EOS)]
+    if "schema" in state:
+        (meta_len,) = struct.unpack_from("<i", stream, 4)
+        return stream[8 + meta_len :]
+    state["schema"] = True
+    return stream

@@ -1,0 +1,265 @@
+"""History queries: DuckDB over the recorder's immutable Parquet files.
+
+One short-lived in-memory DuckDB connection per query reads the visible files of the date
+partitions the range touches (hidden ``.*.tmp`` files being written are never read). Raw ticks,
+enriched ticks (quote mid/spread, trade notional, prevailing quote by as-of join, aggressor) and
+bars are all computed in SQL; results leave as row chunks, never as one whole result in Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import orjson
+import polars as pl
+
+TYPES = ("trade", "quote")
+INTERVALS = {"1s": "1 second", "1m": "1 minute", "5m": "5 minutes", "1h": "1 hour", "1d": "1 day"}
+DAY_NS = 86_400 * 10**9
+# The as-of join looks this far before ``start`` for the quote prevailing at the first trades.
+QUOTE_LOOKBACK_NS = DAY_NS
+
+TICK_COLUMNS = (
+    "sym, type, ts, epoch, seq, price, size, side, bid, bid_size, ask, ask_size, venue, crossed"
+)
+
+
+# DuckDB result types -> Polars, so every chunk of one result has the same schema.
+_POLARS_TYPES: dict[str, pl.DataType] = {
+    "VARCHAR": pl.Utf8(),
+    "BIGINT": pl.Int64(),
+    "INTEGER": pl.Int64(),
+    "DOUBLE": pl.Float64(),
+    "BOOLEAN": pl.Boolean(),
+}
+
+
+class CorruptHistory(Exception):
+    """A stored Parquet file could not be read."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    syms: list[str]
+    start_ns: int
+    end_ns: int
+    types: tuple[str, ...] = TYPES
+    enriched: bool = False
+    interval: str | None = None
+    # Keyset paging: rows strictly after this (ts, seq, sym).
+    after: tuple[int, int, str] | None = None
+    limit: int | None = None
+
+
+def encode_cursor(ts_ns: int, seq: int, sym: str) -> str:
+    """An opaque cursor for the row after (ts, seq, sym)."""
+    return base64.urlsafe_b64encode(orjson.dumps([ts_ns, seq, sym])).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[int, int, str]:
+    """The (ts, seq, sym) a cursor names; ValueError if it is not one of ours."""
+    try:
+        ts_ns, seq, sym = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except Exception as exc:
+        raise ValueError("cursor is not valid; pass next_cursor from the previous page") from exc
+    ok = isinstance(ts_ns, int) and isinstance(seq, int) and isinstance(sym, str)
+    if not ok or abs(ts_ns) >= 2**63 or abs(seq) >= 2**63:
+        raise ValueError("cursor is not valid; pass next_cursor from the previous page")
+    return ts_ns, seq, sym
+
+
+def stored_files(root: Path, start_ns: int, end_ns: int) -> list[Path]:
+    """Visible Parquet files in the date partitions that can hold ticks in [start, end)."""
+    first = _day(start_ns)
+    last = _day(max(start_ns, end_ns - 1))
+    out: list[Path] = []
+    for part in sorted(root.glob("date=*")):
+        day = part.name.partition("=")[2]
+        if first <= day <= last:
+            out.extend(f for f in sorted(part.glob("*.parquet")) if not f.name.startswith("."))
+    return out
+
+
+def _day(ts_ns: int) -> str:
+    return dt.datetime.fromtimestamp(ts_ns // 10**9, dt.UTC).strftime("%Y-%m-%d")
+
+
+def _source(files: list[Path]) -> str:
+    names = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+    return f"read_parquet([{names}])"
+
+
+def _ns(expr: str) -> str:
+    return f"epoch_ns({expr})"
+
+
+def build_sql(q: HistoryQuery, files: list[Path]) -> tuple[str, list[object]]:
+    """The SQL (timestamps as TIMESTAMPTZ_NS) and its parameters for this query."""
+    src = _source(files)
+    sym_in = "sym IN (SELECT unnest(?::VARCHAR[]))"
+    params: list[object]
+    if q.interval is not None:
+        sql = f"""
+            SELECT sym,
+                   time_bucket(INTERVAL '{INTERVALS[q.interval]}', ts)::TIMESTAMPTZ_NS AS start,
+                   first(price ORDER BY ts, seq) AS open, max(price) AS high, min(price) AS low,
+                   last(price ORDER BY ts, seq) AS close, sum(size) AS volume,
+                   sum(price * size) / nullif(sum(size), 0) AS vwap, count(*) AS trades,
+                   first(seq ORDER BY ts, seq) AS first_seq, last(seq ORDER BY ts, seq) AS last_seq
+            FROM {src}
+            WHERE type = 'trade' AND {sym_in} AND {_ns("ts")} >= ? AND {_ns("ts")} < ?
+            GROUP BY ALL ORDER BY start, sym"""
+        return sql, [q.syms, q.start_ns, q.end_ns]
+    if q.enriched:
+        lookback = q.start_ns - QUOTE_LOOKBACK_NS
+        sql = f"""
+            WITH base AS (
+                SELECT {TICK_COLUMNS} FROM {src}
+                WHERE {sym_in} AND {_ns("ts")} >= ? AND {_ns("ts")} < ?
+            ),
+            quotes AS (SELECT sym, ts, seq, bid, ask FROM base WHERE type = 'quote'),
+            trades AS (
+                SELECT t.*, q.bid AS q_bid, q.ask AS q_ask
+                FROM (SELECT * FROM base WHERE type = 'trade' AND {_ns("ts")} >= ?) t
+                ASOF LEFT JOIN quotes q ON t.sym = q.sym AND t.ts >= q.ts
+            ),
+            ruled AS (
+                SELECT *, coalesce(
+                    side,
+                    CASE WHEN price >= q_ask THEN 'buy' WHEN price <= q_bid THEN 'sell' END,
+                    CASE WHEN price > lag(price) OVER w THEN 'buy'
+                         WHEN price < lag(price) OVER w THEN 'sell' END
+                ) AS direct
+                FROM trades WINDOW w AS (PARTITION BY sym ORDER BY ts, seq)
+            ),
+            enriched_trades AS (
+                SELECT sym, type, ts, epoch, seq, price, size, side, q_bid AS bid,
+                       bid_size, q_ask AS ask, ask_size, venue, crossed,
+                       NULL::DOUBLE AS mid, NULL::DOUBLE AS spread, NULL::DOUBLE AS spread_bps,
+                       price * size AS notional,
+                       coalesce(direct, last_value(direct IGNORE NULLS) OVER (
+                           PARTITION BY sym ORDER BY ts, seq
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) AS aggressor
+                FROM ruled
+            ),
+            enriched_quotes AS (
+                SELECT {TICK_COLUMNS}, (bid + ask) / 2 AS mid, ask - bid AS spread,
+                       (ask - bid) / ((bid + ask) / 2) * 1e4 AS spread_bps,
+                       NULL::DOUBLE AS notional, NULL::VARCHAR AS aggressor
+                FROM base WHERE type = 'quote' AND {_ns("ts")} >= ?
+            ),
+            rows AS (SELECT * FROM enriched_trades UNION ALL SELECT * FROM enriched_quotes)
+            SELECT * FROM rows WHERE type IN (SELECT unnest(?::VARCHAR[]))"""
+        params = [q.syms, lookback, q.end_ns, q.start_ns, q.start_ns, list(q.types)]
+    else:
+        sql = f"""
+            SELECT {TICK_COLUMNS} FROM {src}
+            WHERE {sym_in} AND {_ns("ts")} >= ? AND {_ns("ts")} < ?
+              AND type IN (SELECT unnest(?::VARCHAR[]))"""
+        params = [q.syms, q.start_ns, q.end_ns, list(q.types)]
+    if q.after is not None:
+        sql = f"""SELECT * FROM ({sql}) WHERE
+            {_ns("ts")} > ? OR ({_ns("ts")} = ? AND (seq > ? OR (seq = ? AND sym > ?)))"""
+        ts_ns, seq, sym = q.after
+        params += [ts_ns, ts_ns, seq, seq, sym]
+    sql = f"SELECT * FROM ({sql}) ORDER BY ts, seq, sym"
+    if q.limit is not None:
+        sql += f" LIMIT {int(q.limit)}"
+    return sql, params
+
+
+class HistoryReader:
+    """Runs one query on its own in-memory DuckDB connection; close it when done."""
+
+    def __init__(self, root: Path, q: HistoryQuery) -> None:
+        self.root = root
+        self.q = q
+        # The as-of join needs the day before start for the quote prevailing at the first trade.
+        lo = q.start_ns - (QUOTE_LOOKBACK_NS if q.enriched else 0)
+        self.files = stored_files(root, lo, q.end_ns)
+        self.con = duckdb.connect()
+        self.con.execute("SET TimeZone = 'UTC'")
+
+    def close(self) -> None:
+        self.con.close()
+
+    def _execute(self, sql: str, params: list[object]) -> duckdb.DuckDBPyConnection:
+        try:
+            return self.con.execute(sql, params)
+        except duckdb.Error as exc:
+            raise self._corruption(exc) from exc
+
+    def _corruption(self, exc: duckdb.Error) -> Exception:
+        """Name the file that fails to read, if one does; else the original error."""
+        for f in self.files:
+            try:
+                with duckdb.connect() as probe:
+                    probe.execute(f"SELECT count(*), max(ts) FROM {_source([f])}").fetchall()
+            except duckdb.Error as bad:
+                return CorruptHistory(f, str(bad).splitlines()[0])
+        return exc
+
+    @property
+    def _time_col(self) -> str:
+        return "start" if self.q.interval is not None else "ts"
+
+    def chunks(self, size: int = 50_000, ns_ints: bool = True) -> Iterator[pl.DataFrame]:
+        """The result as Polars frames of at most ``size`` rows, in order.
+
+        ``ns_ints`` gives timestamps as integer ns; otherwise ``Datetime("ns", "UTC")``.
+        """
+        if not self.files:
+            return
+        sql, params = build_sql(self.q, self.files)
+        cur = self._execute(
+            f"SELECT * REPLACE ({_ns(self._time_col)} AS {self._time_col}) FROM ({sql})", params
+        )
+        schema = {d[0]: _POLARS_TYPES.get(str(d[1]), pl.Utf8()) for d in cur.description}
+        while True:
+            try:
+                rows = cur.fetchmany(size)
+            except duckdb.Error as exc:
+                raise self._corruption(exc) from exc
+            if not rows:
+                return
+            frame = pl.DataFrame(rows, schema=schema, orient="row")
+            if not ns_ints:
+                frame = frame.with_columns(
+                    pl.col(self._time_col).cast(pl.Int64).cast(pl.Datetime("ns", "UTC"))
+                )
+            yield frame
+
+    def copy_parquet(self, dest: Path) -> None:
+        """Write the whole result to ``dest`` as Parquet (timestamps ns UTC) with DuckDB COPY."""
+        if not self.files:
+            sql, params = self._empty_sql(), []
+        else:
+            sql, params = build_sql(self.q, self.files)
+        path = str(dest).replace("'", "''")
+        self._execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet)", params)
+
+    def _empty_sql(self) -> str:
+        if self.q.interval is not None:
+            return (
+                "SELECT NULL::VARCHAR AS sym, NULL::TIMESTAMPTZ_NS AS start, NULL::DOUBLE AS open,"
+                " NULL::DOUBLE AS high, NULL::DOUBLE AS low, NULL::DOUBLE AS close,"
+                " NULL::DOUBLE AS volume, NULL::DOUBLE AS vwap, NULL::BIGINT AS trades,"
+                " NULL::BIGINT AS first_seq, NULL::BIGINT AS last_seq LIMIT 0"
+            )
+        return (
+            "SELECT NULL::VARCHAR AS sym, NULL::VARCHAR AS type, NULL::TIMESTAMPTZ_NS AS ts,"
+            " NULL::BIGINT AS epoch, NULL::BIGINT AS seq, NULL::DOUBLE AS price,"
+            " NULL::DOUBLE AS size, NULL::VARCHAR AS side, NULL::DOUBLE AS bid,"
+            " NULL::DOUBLE AS bid_size, NULL::DOUBLE AS ask, NULL::DOUBLE AS ask_size,"
+            " NULL::VARCHAR AS venue, NULL::BOOLEAN AS crossed LIMIT 0"
+        )
