@@ -67,6 +67,24 @@ def _keys(args: argparse.Namespace) -> int:
     return 2
 
 
+def _queries(args: argparse.Namespace) -> int:
+    from server.queries import read_queries
+
+    rows = read_queries(get_settings().queries_db, args.key, args.limit)
+    print(f"{'TIME (UTC)':<23} {'KEY':<16} {'ENDPOINT':<18} {'STATUS':<16} {'ROWS':>7} "
+          f"{'BYTES':>9} {'MS':>9}  PARAMS")  # fmt: skip
+    for q in rows:
+        when = datetime.fromtimestamp(q["ts"] / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        rows_ = "-" if q["rows"] is None else q["rows"]
+        nbytes = "-" if q["bytes"] is None else q["bytes"]
+        print(
+            f"{when:<23} {(q['key'] or '-')[:16]:<16} {q['endpoint'][:18]:<18} "
+            f"{q['status'][:16]:<16} {rows_:>7} {nbytes:>9} {q['duration_ms']:>9.3f}  "
+            f"{q['params'][:80]}"
+        )
+    return 0
+
+
 def _announce_revocation(name: str) -> None:
     """Tell running web processes at once; they also notice by themselves within a second."""
     import redis
@@ -208,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = ks.add_parser("revoke", help="revoke a key by name or prefix")
     r.add_argument("name")
     keys.set_defaults(func=_keys)
+
+    q = sub.add_parser("queries", help="show the query history, newest first")
+    q.add_argument("--key", help="only this key's queries (by key name)")
+    q.add_argument("--limit", type=int, default=100)
+    q.set_defaults(func=_queries)
 
     sub.add_parser("redis", help="run a local redis-server unless one answers").set_defaults(
         func=_redis

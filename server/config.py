@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="how long a closing client gets to take its last error frame"
     )
     key_refresh_s: float = Field(1.0, gt=0, le=1.0, description="how often keys are re-read")
+    query_log_max: int = Field(
+        100_000, ge=100, description="query history records held in memory before SQLite"
+    )
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -90,6 +93,10 @@ class Settings(BaseSettings):
     @property
     def keys_db(self) -> Path:
         return self.data_dir / "keys.sqlite3"
+
+    @property
+    def queries_db(self) -> Path:
+        return self.data_dir / "queries.sqlite3"
 
     def limits(self) -> dict[str, float | int]:
         """The limits a client is told about in ``welcome``."""

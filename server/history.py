@@ -178,6 +178,38 @@ def build_sql(q: HistoryQuery, files: list[Path]) -> tuple[str, list[object]]:
     return sql, params
 
 
+# Gaps: consecutive stored seqs of one (sym, epoch) more than one apart. Epoch changes: the
+# epochs of a symbol in order of their first tick (imported history has negative epochs and is
+# treated alike). Only seq, epoch and ts are read, so the row groups' other columns are skipped.
+GAPS_SQL = """
+    WITH t AS (
+        SELECT sym, epoch, seq, epoch_ns(ts) AS ts_ns FROM {src}
+        WHERE sym IN (SELECT unnest(?::VARCHAR[])) AND epoch_ns(ts) >= ? AND epoch_ns(ts) < ?
+    ),
+    w AS (
+        SELECT sym, epoch, seq, ts_ns,
+               lag(seq) OVER (PARTITION BY sym, epoch ORDER BY seq) AS prev_seq,
+               lag(ts_ns) OVER (PARTITION BY sym, epoch ORDER BY seq) AS prev_ts
+        FROM t
+    ),
+    epochs AS (
+        SELECT sym, epoch, min(ts_ns) AS first_ts, min(seq) AS first_seq FROM t GROUP BY sym, epoch
+    ),
+    changes AS (
+        SELECT sym, epoch, first_ts, first_seq,
+               lag(epoch) OVER (PARTITION BY sym ORDER BY first_ts, epoch) AS prev_epoch
+        FROM epochs
+    )
+    SELECT 'gap' AS kind, sym, epoch, prev_seq + 1 AS from_seq, seq - 1 AS to_seq,
+           prev_ts AS after_ts, ts_ns AS before_ts, NULL::BIGINT AS prev_epoch
+    FROM w WHERE seq - prev_seq > 1
+    UNION ALL
+    SELECT 'epoch_change', sym, epoch, NULL, NULL, NULL, first_ts, prev_epoch
+    FROM changes WHERE prev_epoch IS NOT NULL
+    ORDER BY kind DESC, sym, before_ts, from_seq
+"""
+
+
 class HistoryReader:
     """Runs one query on its own in-memory DuckDB connection; close it when done."""
 
@@ -198,6 +230,44 @@ class HistoryReader:
             return self.con.execute(sql, params)
         except duckdb.Error as exc:
             raise self._corruption(exc) from exc
+
+    def gaps(self) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        """Holes in stored ``seq`` per (sym, epoch) and epoch changes per symbol in the range.
+
+        Types are ignored (seq counts trades and quotes together). A gap is only seen between
+        two stored ticks of the range, so a range that starts or ends inside a hole does not
+        report it. Timestamps are integer ns.
+        """
+        if not self.files:
+            return [], []
+        sql = GAPS_SQL.format(src=_source(self.files))
+        rows = self._execute(sql, [self.q.syms, self.q.start_ns, self.q.end_ns]).fetchall()
+        gaps: list[dict[str, object]] = []
+        changes: list[dict[str, object]] = []
+        for kind, sym, epoch, from_seq, to_seq, after_ts, before_ts, prev_epoch in rows:
+            if kind == "gap":
+                gaps.append(
+                    {
+                        "sym": sym,
+                        "epoch": epoch,
+                        "from_seq": from_seq,
+                        "to_seq": to_seq,
+                        "missing": to_seq - from_seq + 1,
+                        "after_ts": after_ts,
+                        "before_ts": before_ts,
+                    }
+                )
+            else:
+                changes.append(
+                    {
+                        "sym": sym,
+                        "kind": "epoch_change",
+                        "from_epoch": prev_epoch,
+                        "to_epoch": epoch,
+                        "at_ts": before_ts,
+                    }
+                )
+        return gaps, changes
 
     def _corruption(self, exc: duckdb.Error) -> Exception:
         """Name the file that fails to read, if one does; else the original error."""
@@ -263,3 +333,17 @@ class HistoryReader:
             " NULL::DOUBLE AS bid_size, NULL::DOUBLE AS ask, NULL::DOUBLE AS ask_size,"
             " NULL::VARCHAR AS venue, NULL::BOOLEAN AS crossed LIMIT 0"
         )
+
+
+def find_gaps(
+    root: Path, syms: list[str], start_ns: int, end_ns: int
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """(gaps, epoch_changes) in stored history for these symbols in [start, end).
+
+    See ``HistoryReader.gaps`` for the shape of each entry.
+    """
+    reader = HistoryReader(root, HistoryQuery(syms, start_ns, end_ns))
+    try:
+        return reader.gaps()
+    finally:
+        reader.close()

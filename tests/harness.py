@@ -272,3 +272,25 @@ async def close_code(ws: ClientConnection, timeout: float = 5.0) -> tuple[int | 
         while True:
             seen.extend(await recv_events(ws, timeout))
     return ws.close_code, seen
+
+
+def write_history(
+    root: Path, rows: list[tuple], first_id: str = "1-0", last_id: str = "1-9"
+) -> Path:
+    """A hand-written history file in the recorder's layout (rows in ``SCHEMA`` order, ts in ns)."""
+    import polars as pl
+
+    from server.recorder import SCHEMA, write_file
+
+    frame = pl.DataFrame(rows, schema={**SCHEMA, "ts": pl.Int64()}, orient="row")
+    frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC")))
+    return write_file(root, frame, first_id, last_id)
+
+
+def corrupt_history_file(root: Path, day: str = "2026-01-05") -> Path:
+    """A file that looks like Parquet by its magic bytes and is not."""
+    part = root / f"date={day}"
+    part.mkdir(parents=True, exist_ok=True)
+    bad = part / "3-0_3-9.parquet"
+    bad.write_bytes(b"PAR1" + b"\x00garbage" * 50 + b"PAR1")
+    return bad

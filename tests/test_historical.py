@@ -13,8 +13,8 @@ import httpx
 import polars as pl
 import pytest
 
-from server.recorder import SCHEMA, write_file
-from tests.harness import Stack
+from server.recorder import SCHEMA
+from tests.harness import Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 
 COLUMNS = ["sym", "type", "ts", "epoch", "seq", "price", "size", "side", "bid", "ask"]
@@ -79,13 +79,9 @@ def handmade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     corrupted file on another date."""
     s = Stack(tmp_path_factory.mktemp("hand"), feed=False)
     root = s.data_dir / "history"
-    frame = pl.DataFrame(HAND_ROWS, schema={**SCHEMA, "ts": pl.Int64()}, orient="row")
-    frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC")))
-    path = write_file(root, frame, "1-0", "1-9")
+    path = write_history(root, HAND_ROWS)
     (path.parent / ".2-0_2-9.parquet.tmp").write_bytes(b"half written")
-    bad = root / "date=2026-01-05"
-    bad.mkdir(parents=True)
-    (bad / "3-0_3-9.parquet").write_bytes(b"PAR1" + b"\x00garbage" * 50 + b"PAR1")
+    corrupt_history_file(root)
     s.start()
     try:
         yield s
@@ -219,7 +215,7 @@ def test_start_and_end_accept_iso_with_and_without_timezone(recorded: Stack) -> 
 def test_unknown_symbol_returns_no_rows(recorded: Stack) -> None:
     start, end = _range(recorded)
     body = _get(recorded, _key(recorded), symbols="NOPE", start=start, end=end).json()
-    assert body == {"rows": [], "count": 0, "next_cursor": None}
+    assert body == {"rows": [], "count": 0, "next_cursor": None, "gaps": 0}
 
 
 def test_auth_errors(recorded: Stack) -> None:

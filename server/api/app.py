@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from server import protocol
 from server.api.errors import ApiError, api_error_handler
-from server.api.history import historical
+from server.api.history import gaps, historical
 from server.api.ticks import realtime
 from server.api.ws import ws_endpoint
 from server.auth import ConnectionQuota, KeyStore
@@ -28,6 +28,7 @@ from server.config import Settings, get_settings
 from server.hub import Hub
 from server.latest import LatestCache
 from server.protocol import CloseCode
+from server.queries import QueryLog, QueryRecorder, queries_endpoint
 
 log = logging.getLogger("tickpipe.web")
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
@@ -43,6 +44,7 @@ class AppState:
     quota: ConnectionQuota
     latest: LatestCache
     started_ns: int
+    queries: QueryLog
 
 
 def enforce_revocations(st: AppState) -> None:
@@ -141,30 +143,41 @@ def create_app(settings: Settings | None = None) -> Starlette:
             ConnectionQuota(redis, settings.max_conns_per_key),
             LatestCache(hub, bus),
             time.time_ns(),
+            QueryLog(settings.queries_db, settings.query_log_max),
         )
         app.state.tp = st
         hub.on_control = lambda _channel, _payload: enforce_revocations(st)
         await hub.start()
         bootstrap_admin(keys, settings)
         task = asyncio.create_task(maintain(st))
+        flusher = asyncio.create_task(st.queries.run())
         try:
             yield
         finally:
             task.cancel()
+            flusher.cancel()
             for sub in list(hub.subscribers):
                 sub.close(1001, protocol.error("shutdown", "server is restarting", fatal=True))
             await hub.stop()
             await redis.aclose()
             await pool.disconnect()
             keys.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await st.queries.flush()
+            st.queries.close()
 
     routes = [
         Route("/healthz", healthz),
+        Route("/queries", queries_endpoint),
         Route("/ticks/realtime", realtime),
         Route("/ticks/historical", historical),
+        Route("/ticks/gaps", gaps),
         WebSocketRoute("/ws", ws_endpoint),
         Mount("/", StaticFiles(directory=WEB_DIR, html=True, check_dir=False), name="web"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={ApiError: api_error_handler}
     )
+    app.add_middleware(QueryRecorder)
+    return app

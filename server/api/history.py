@@ -1,5 +1,6 @@
 """``GET /ticks/historical``: stored ticks, enriched ticks or bars as JSON, NDJSON, CSV, Parquet
-or Arrow IPC, for a key with the ``historical`` scope.
+or Arrow IPC, for a key with the ``historical`` scope; ``GET /ticks/gaps``: where stored ``seq``
+is not contiguous in a range.
 
 Queries run in a worker thread (``server.history``); NDJSON, CSV and Arrow stream chunk by chunk.
 """
@@ -23,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from server.api.errors import ApiError, require_key
 from server.api.ticks import parse_symbols
+from server.auth import ApiKey
 from server.history import (
     INTERVALS,
     TYPES,
@@ -31,6 +33,7 @@ from server.history import (
     HistoryReader,
     decode_cursor,
     encode_cursor,
+    find_gaps,
 )
 from server.recorder import history_dir
 
@@ -49,6 +52,7 @@ MEDIA = {
     "arrow": "application/vnd.apache.arrow.stream",
 }
 FORMAT_BY_MEDIA = {v: k for k, v in MEDIA.items()}
+GAPS_HEADER = "X-Tickpipe-Gaps"
 
 
 def parse_time(name: str, raw: str | None) -> int:
@@ -101,7 +105,8 @@ def _choose_format(request: Request) -> str:
     return fmt
 
 
-def _parse_query(request: Request, fmt: str) -> HistoryQuery:
+def parse_range(request: Request) -> tuple[list[str], int, int]:
+    """``symbols``, ``start`` and ``end`` (ns) of a history request, or a 422 saying why not."""
     qp = request.query_params
     syms = parse_symbols(qp.get("symbols"), MAX_HISTORICAL_SYMBOLS)
     start_ns = parse_time("start", qp.get("start"))
@@ -110,6 +115,20 @@ def _parse_query(request: Request, fmt: str) -> HistoryQuery:
         raise ApiError(
             422, "bad_parameter", "start must be before end (start is inclusive, end exclusive)"
         )
+    return syms, start_ns, end_ns
+
+
+def _require_entitled(key: ApiKey, syms: list[str]) -> None:
+    denied = [s for s in syms if not key.allows(s)]
+    if denied:
+        raise ApiError(
+            403, "not_entitled", f"key {key.name!r} may not see these symbols", symbols=denied
+        )
+
+
+def _parse_query(request: Request, fmt: str) -> HistoryQuery:
+    qp = request.query_params
+    syms, start_ns, end_ns = parse_range(request)
     types = tuple(
         dict.fromkeys(
             t.strip().lower() for t in qp.get("types", "trade,quote").split(",") if t.strip()
@@ -165,23 +184,35 @@ async def historical(request: Request) -> Response:
     key = require_key(request, "historical")
     fmt = _choose_format(request)
     q = _parse_query(request, fmt)
-    denied = [s for s in q.syms if not key.allows(s)]
-    if denied:
-        raise ApiError(
-            403, "not_entitled", f"key {key.name!r} may not see these symbols", symbols=denied
-        )
+    _require_entitled(key, q.syms)
     root = history_dir(request.app.state.tp.settings)
+    # Gaps of the whole range (all types), so a caller knows the answer is not complete.
+    found, _changes = await _run(find_gaps, root, q.syms, q.start_ns, q.end_ns)
+    headers = {GAPS_HEADER: str(len(found))}
     if fmt == "json":
-        body = await _run(_json_page, root, q)
-        return Response(body, media_type=MEDIA["json"])
+        body = await _run(_json_page, root, q, len(found))
+        return Response(body, media_type=MEDIA["json"], headers=headers)
     if fmt == "parquet":
         path = await _run(_parquet_file, root, q)
-        return StreamingResponse(_file_chunks(path), media_type=MEDIA["parquet"])
+        return StreamingResponse(_file_chunks(path), media_type=MEDIA["parquet"], headers=headers)
     encode = {"ndjson": _ndjson, "csv": _csv, "arrow": _arrow}[fmt]
     reader = await _run(HistoryReader, root, q)
     chunks = _frames(reader, ns_ints=fmt != "arrow")
     first = await _run(next, chunks, None)  # a corrupt file fails here, before the 200
-    return StreamingResponse(_stream(first, chunks, encode, reader), media_type=MEDIA[fmt])
+    return StreamingResponse(
+        _stream(first, chunks, encode, reader), media_type=MEDIA[fmt], headers=headers
+    )
+
+
+async def gaps(request: Request) -> Response:
+    """Holes in stored ``seq`` per (symbol, epoch) and epoch changes in [start, end)."""
+    key = require_key(request, "historical")
+    syms, start_ns, end_ns = parse_range(request)
+    _require_entitled(key, syms)
+    root = history_dir(request.app.state.tp.settings)
+    found, changes = await _run(find_gaps, root, syms, start_ns, end_ns)
+    body = {"gaps": found, "epoch_changes": changes, "count": len(found)}
+    return Response(orjson.dumps(body), media_type=MEDIA["json"])
 
 
 async def _run(fn, *args):  # type: ignore[no-untyped-def]
@@ -195,7 +226,7 @@ def _frames(reader: HistoryReader, ns_ints: bool) -> Iterator[pl.DataFrame]:
     yield from reader.chunks(CHUNK_ROWS, ns_ints=ns_ints)
 
 
-def _json_page(root: Path, q: HistoryQuery) -> bytes:
+def _json_page(root: Path, q: HistoryQuery, gap_count: int) -> bytes:
     reader = HistoryReader(root, q)
     try:
         frames = list(reader.chunks(MAX_LIMIT))
@@ -207,7 +238,7 @@ def _json_page(root: Path, q: HistoryQuery) -> bytes:
         last = frame.row(-1, named=True)
         cursor = encode_cursor(last["ts"], last["seq"], last["sym"])
     rows = frame.write_json().encode() if frame.height else b"[]"
-    tail = orjson.dumps({"count": frame.height, "next_cursor": cursor})
+    tail = orjson.dumps({"count": frame.height, "next_cursor": cursor, "gaps": gap_count})
     return b'{"rows":' + rows + b"," + tail[1:]
 
 

@@ -9,6 +9,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -194,9 +195,13 @@ class Session:
                 continue
             self.bad_streak = 0
             if isinstance(op, protocol.Subscribe):
-                await self.subscribe(op)
+                ts, t0 = time.time_ns(), time.perf_counter()
+                rows, status = await self.subscribe(op)
+                self.record(op, ts, t0, rows, status)
             elif isinstance(op, protocol.Unsubscribe):
-                self.unsubscribe(op)
+                ts, t0 = time.time_ns(), time.perf_counter()
+                rows, status = self.unsubscribe(op)
+                self.record(op, ts, t0, rows, status)
             elif isinstance(op, protocol.Ping):
                 self.sub.send(protocol.pong(op.id))
             else:
@@ -206,17 +211,31 @@ class Session:
                     )
                 )
 
+    def record(
+        self,
+        op: protocol.Subscribe | protocol.Unsubscribe,
+        ts: int,
+        t0: float,
+        rows: int,
+        status: str,
+    ) -> None:
+        """Add the op to the query history (its fields; the symbols it accepted as rows)."""
+        params = orjson.dumps(op.model_dump(exclude={"op"}, exclude_none=True)).decode()
+        ms = (time.perf_counter() - t0) * 1000
+        self.st.queries.record(self.key.name, f"ws:{op.op}", params, rows, None, ms, status, ts)
+
     def _normalise(self, symbols: list[str]) -> list[str]:
         return list(dict.fromkeys(s.strip().upper() for s in symbols))
 
-    async def subscribe(self, op: protocol.Subscribe) -> None:
+    async def subscribe(self, op: protocol.Subscribe) -> tuple[int, str]:
+        """Subscribe and answer; returns the count of symbols accepted and a status."""
         st, sub, key = self.st, self.sub, self.key
         limit = st.settings.max_symbols_per_conn
         if not key.has_scope("realtime"):
             sub.send(
                 protocol.error("forbidden", f"key {key.name!r} lacks the 'realtime' scope", op.id)
             )
-            return
+            return 0, "forbidden"
         syms = self._normalise(op.symbols)
         if len(syms) > limit:
             sub.send(
@@ -226,7 +245,7 @@ class Session:
                     op.id,
                 )
             )
-            return
+            return 0, "too_many_symbols"
         rejected: list[dict[str, str]] = []
         try:
             if "*" in syms:
@@ -248,7 +267,7 @@ class Session:
             sub.send(
                 protocol.error("unavailable", f"Redis is unreachable ({exc}); retry shortly", op.id)
             )
-            return
+            return 0, "unavailable"
         accepted = []
         room = limit - len(sub.symbols)
         for sym, ok in zip(candidates, known, strict=True):
@@ -270,7 +289,7 @@ class Session:
                         "unavailable", f"Redis is unreachable ({exc}); retry shortly", op.id
                     )
                 )
-                return
+                return 0, "unavailable"
         sub.send(
             {
                 "type": "subscribed",
@@ -288,8 +307,9 @@ class Session:
                         sub.send_raw(raw.decode()[:-1] + ',"snapshot":true}')
         for sym in new:
             sub.release(sym, latest[sym].seq, sub.symbols[sym])
+        return len(accepted), "ok"
 
-    def unsubscribe(self, op: protocol.Unsubscribe) -> None:
+    def unsubscribe(self, op: protocol.Unsubscribe) -> tuple[int, str]:
         syms = self._normalise(op.symbols)
         if "*" in syms:
             syms = sorted(self.sub.symbols)
@@ -305,6 +325,7 @@ class Session:
                 "rejected": rejected,
             }
         )
+        return len(gone), "ok"
 
 
 async def ws_endpoint(ws: WebSocket) -> None:
