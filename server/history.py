@@ -79,8 +79,12 @@ def decode_cursor(cursor: str) -> tuple[int, int, str]:
 
 
 def stored_files(root: Path, start_ns: int, end_ns: int) -> list[Path]:
-    """Visible Parquet files in the date partitions that can hold ticks in [start, end)."""
-    first = _day(start_ns)
+    """Visible Parquet files in the date partitions that can hold ticks in [start, end).
+
+    A file sits in the partition of its first tick, so one written across midnight also holds
+    ticks of the next day: the partition before ``start`` is read too (DuckDB's row-group
+    statistics on ``ts`` skip what is out of range)."""
+    first = _day(start_ns - 86_400 * 10**9)
     last = _day(max(start_ns, end_ns - 1))
     out: list[Path] = []
     for part in sorted(root.glob("date=*")):

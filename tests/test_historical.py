@@ -335,3 +335,24 @@ def test_no_history_yet_is_an_empty_answer(own_stack) -> None:
     assert _get(s, key, symbols="AAPL", start=1, end=10).json()["count"] == 0
     resp = _get(s, key, symbols="AAPL", start=1, end=10, format="arrow")
     assert resp.status_code == 200 and pl.read_ipc_stream(io.BytesIO(resp.content)).height == 0
+
+
+def test_ticks_of_a_file_written_across_midnight_are_found_from_the_next_day(tmp_path) -> None:
+    """The recorder files a flush under the day of its first tick; a range starting after
+    midnight must still see the ticks the same file holds for the new day."""
+    midnight = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
+    rest = (None,) * 7  # side, bid, bid_size, ask, ask_size, venue, crossed
+    rows = [
+        ("ABC", "trade", midnight - 100_000_000, 5, 1, 10.0, 1.0, *rest),
+        ("ABC", "trade", midnight + 100_000_000, 5, 2, 11.0, 1.0, *rest),
+    ]
+    s = Stack(tmp_path / "s", feed=False)
+    write_history(s.data_dir / "history", rows)
+    assert [p.name for p in (s.data_dir / "history").iterdir()] == ["date=2025-12-31"]
+    s.start()
+    try:
+        resp = _get(s, _key(s), symbols="ABC", start=midnight, end=midnight + 3_600 * 10**9)
+    finally:
+        s.stop()
+    assert resp.status_code == 200, resp.text
+    assert [(r["seq"], r["price"]) for r in resp.json()["rows"]] == [(2, 11.0)]
