@@ -33,7 +33,23 @@ import orjson
 import polars as pl
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from server.ticks import MAX_TS_NS, MIN_TS_NS, SYMBOL_RE, TICK_SCHEMA
+from server.ticks import MAX_TS_NS, MIN_TS_NS, SYMBOL_RE
+
+# Ticks as a table (what files become; the recorder adds epoch and seq): one row per trade or quote.
+TICK_SCHEMA: dict[str, pl.DataType] = {
+    "sym": pl.Utf8(),
+    "type": pl.Utf8(),
+    "ts": pl.Datetime("ns", "UTC"),
+    "price": pl.Float64(),
+    "size": pl.Float64(),
+    "side": pl.Utf8(),
+    "bid": pl.Float64(),
+    "bid_size": pl.Float64(),
+    "ask": pl.Float64(),
+    "ask_size": pl.Float64(),
+    "venue": pl.Utf8(),
+    "crossed": pl.Boolean(),
+}
 
 FORMATS = ("tardis-trades", "tardis-quotes", "histdata", "lobster", "lean", "csv")
 
@@ -687,14 +703,17 @@ def import_file(
     """
     from server.recorder import SCHEMA, write_file
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     manifest = history / "imports.jsonl"
     history.mkdir(parents=True, exist_ok=True)
     done = manifest.read_text().splitlines() if manifest.exists() else []
     epoch = import_epoch(digest)
-    if any(orjson.loads(line)["sha256"] == digest for line in done if line.strip()):
-        result = read_file(path, fmt, symbol=symbol, mapping=mapping, date=date)
-        return ImportReport(path, result.read, 0, 0, result.read, result.skipped, epoch, None)
+    for line in done:
+        seen = orjson.loads(line) if line.strip() else {}
+        if seen.get("sha256") == digest:  # already stored: nothing to parse or write
+            read, skipped = seen.get("read", 0), seen.get("skipped", 0)
+            return ImportReport(path, read, 0, 0, read, skipped, epoch, None)
     result = read_file(path, fmt, symbol=symbol, mapping=mapping, date=date)
     rejects_file = None
     if result.rejects.height:
@@ -717,7 +736,8 @@ def import_file(
         fh.write(
             orjson.dumps(
                 {"sha256": digest, "file": path.name, "format": fmt, "epoch": epoch,
-                 "stored": ticks.height, "at_ns": time.time_ns()}
+                 "read": result.read, "skipped": result.skipped, "stored": ticks.height,
+                 "at_ns": time.time_ns()}
             ).decode()
             + "\n"
         )  # fmt: skip

@@ -10,7 +10,6 @@ whenever the hub loses Redis (answers then come from Redis until it is primed ag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -128,9 +127,8 @@ class LatestCache:
     def evict_idle(self) -> None:
         cutoff = time.monotonic() - self.idle_s
         idle = [s for s, e in self.entries.items() if e.primed and e.used < cutoff]
-        with contextlib.suppress(KeyError):
-            for sym in idle:
-                del self.entries[sym]
+        for sym in idle:
+            del self.entries[sym]
         if idle:
             self.hub.unsubscribe(self, idle)  # type: ignore[arg-type]
 

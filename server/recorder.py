@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from server.bus import LOG_KEY
 from server.config import Settings
-from server.ticks import TICK_SCHEMA
+from server.importers import TICK_SCHEMA
 
 log = logging.getLogger("tickpipe.recorder")
 GROUP = "recorder"

@@ -6,26 +6,9 @@ import math
 import re
 from dataclasses import dataclass
 
-import polars as pl
-
 SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._/-]{0,31}$")
 SIDES = frozenset({"buy", "sell"})
 
-# Ticks as a table (importers, the recorder, history): one row per trade or quote.
-TICK_SCHEMA: dict[str, pl.DataType] = {
-    "sym": pl.Utf8(),
-    "type": pl.Utf8(),
-    "ts": pl.Datetime("ns", "UTC"),
-    "price": pl.Float64(),
-    "size": pl.Float64(),
-    "side": pl.Utf8(),
-    "bid": pl.Float64(),
-    "bid_size": pl.Float64(),
-    "ask": pl.Float64(),
-    "ask_size": pl.Float64(),
-    "venue": pl.Utf8(),
-    "crossed": pl.Boolean(),
-}
 # Sanity bounds: timestamps between 2000-01-01 and 2100-01-01, in integer ns UTC.
 MIN_TS_NS = 946_684_800 * 10**9
 MAX_TS_NS = 4_102_444_800 * 10**9
