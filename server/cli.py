@@ -167,7 +167,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
 
 def _import(args: argparse.Namespace) -> int:
     from server.importers import FORMATS, import_file
-    from server.recorder import history_dir
+    from server.store import history_dir
 
     if args.format not in FORMATS:
         print(f"error: unknown format {args.format!r}; use one of {', '.join(FORMATS)}",

@@ -47,6 +47,24 @@ class Settings(BaseSettings):
     # Recorder
     recorder_flush_s: float = Field(1.0, gt=0, description="longest a tick waits to be stored")
     recorder_batch: int = Field(2000, ge=1, description="log entries per read and per flush")
+    compact_every_s: float = Field(30.0, gt=0, description="how often small files are merged")
+    compact_min_files: int = Field(
+        16, ge=2, description="small files in a row of one day before they are merged"
+    )
+    compact_target_rows: int = Field(
+        2_000_000, ge=64, description="rows a merged file aims at (bounds compaction memory)"
+    )
+    compact_grace_s: float = Field(
+        120.0, ge=0, description="how long merged-away files stay for queries already reading"
+    )
+
+    # History queries
+    history_tail_max_batches: int = Field(
+        20_000,
+        ge=1,
+        description="log entries not yet recorded that a history query reads from Redis "
+        "(a range up to now has no hole while the recorder is at most this far behind)",
+    )
 
     # WebSocket fan-out limits
     heartbeat_s: float = Field(10.0, gt=0)

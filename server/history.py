@@ -1,7 +1,10 @@
 """History queries: DuckDB over the recorder's immutable Parquet files.
 
 One short-lived in-memory DuckDB connection per query reads the visible files of the date
-partitions the range touches (hidden ``.*.tmp`` files being written are never read). Raw ticks,
+partitions the range touches, as one snapshot of the store (``server.store.scan``: hidden
+``.*.tmp`` files being written and files already merged by compaction are never read), plus the
+log entries above the snapshot's high-water mark that the recorder has not stored yet (a
+``Source``), so a range up to now has no hole and no tick twice. Raw ticks,
 enriched ticks (quote mid/spread, trade notional, prevailing quote by as-of join, aggressor) and
 bars are all computed in SQL; results leave as row chunks, never as one whole result in Python.
 """
@@ -9,7 +12,8 @@ bars are all computed in SQL; results leave as row chunks, never as one whole re
 from __future__ import annotations
 
 import base64
-import datetime as dt
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +22,23 @@ import duckdb
 import orjson
 import polars as pl
 
+from server.store import SCHEMA, Snapshot, parse_log_id, scan
+
 TYPES = ("trade", "quote")
 INTERVALS = {"1s": "1 second", "1m": "1 minute", "5m": "5 minutes", "1h": "1 hour", "1d": "1 day"}
 DAY_NS = 86_400 * 10**9
 # The as-of join looks this far before ``start`` for the quote prevailing at the first trades.
 QUOTE_LOOKBACK_NS = DAY_NS
 
-TICK_COLUMNS = (
-    "sym, type, ts, epoch, seq, price, size, side, bid, bid_size, ask, ask_size, venue, crossed"
-)
+TICK_COLUMNS = ", ".join(SCHEMA)
+ENRICHED_COLUMNS = (*SCHEMA, "mid", "spread", "spread_bps", "notional", "aggressor")
+BAR_COLUMNS = (
+    "sym", "start", "open", "high", "low", "close", "volume", "vwap", "trades", "first_seq",
+    "last_seq",
+)  # fmt: skip
+# Ticks not yet recorded are read from the log only when the range ends after this long before
+# the newest stored log entry (log ids are Redis' clock; tick ts the feed's).
+TAIL_SLACK_NS = 60 * 10**9
 
 
 # DuckDB result types -> Polars, so every chunk of one result has the same schema.
@@ -59,6 +71,15 @@ class HistoryQuery:
     # Keyset paging: rows strictly after this (ts, seq, sym).
     after: tuple[int, int, str] | None = None
     limit: int | None = None
+    # Output columns, in this order (None: all of them).
+    fields: tuple[str, ...] | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column this query's rows have before ``fields`` picks some."""
+        if self.interval is not None:
+            return BAR_COLUMNS
+        return ENRICHED_COLUMNS if self.enriched else tuple(SCHEMA)
 
 
 def encode_cursor(ts_ns: int, seq: int, sym: str) -> str:
@@ -78,24 +99,41 @@ def decode_cursor(cursor: str) -> tuple[int, int, str]:
     return ts_ns, seq, sym
 
 
-def stored_files(root: Path, start_ns: int, end_ns: int) -> list[Path]:
-    """Visible Parquet files in the date partitions that can hold ticks in [start, end).
+@dataclass
+class Source:
+    """Where one request's rows come from: a snapshot of the store and, for a range reaching up
+    to now, the log entries the recorder has not stored yet (``tail``, in the stored schema).
 
-    A file sits in the partition of its first tick, so one written across midnight also holds
-    ticks of the next day: the partition before ``start`` is read too (DuckDB's row-group
-    statistics on ``ts`` skip what is out of range)."""
-    first = _day(start_ns - 86_400 * 10**9)
-    last = _day(max(start_ns, end_ns - 1))
-    out: list[Path] = []
-    for part in sorted(root.glob("date=*")):
-        day = part.name.partition("=")[2]
-        if first <= day <= last:
-            out.extend(f for f in sorted(part.glob("*.parquet")) if not f.name.startswith("."))
-    return out
+    Taken once per request so that every part of the answer (rows, gap count, pages) agrees:
+    log entries above the snapshot's high-water mark are in no file of the snapshot, so a tick
+    is read from exactly one place."""
+
+    snapshot: Snapshot
+    tail: pl.DataFrame | None = None
+
+    @classmethod
+    def of(cls, root: Path) -> Source:
+        return cls(scan(root))
+
+    def needs_tail(self, end_ns: int) -> bool:
+        ms = self.snapshot.high_water[0]
+        return end_ns > ms * 10**6 - TAIL_SLACK_NS
+
+    @property
+    def tail_after(self) -> str:
+        """The exclusive XRANGE start for log entries not in the snapshot."""
+        ms, n = self.snapshot.high_water
+        return f"({ms}-{n}"
 
 
-def _day(ts_ns: int) -> str:
-    return dt.datetime.fromtimestamp(ts_ns // 10**9, dt.UTC).strftime("%Y-%m-%d")
+def tail_frame(
+    entries: list[tuple[bytes, dict[bytes, bytes]]], high_water: tuple[int, int]
+) -> pl.DataFrame:
+    """Stored-schema rows of log entries above ``high_water`` (status events left out)."""
+    from server.recorder import entries_to_frame
+
+    fresh = [e for e in entries if parse_log_id(e[0].decode()) > high_water]
+    return entries_to_frame(fresh)
 
 
 def _source(files: list[Path]) -> str:
@@ -217,17 +255,30 @@ GAPS_SQL = """
 class HistoryReader:
     """Runs one query on its own in-memory DuckDB connection; close it when done."""
 
-    def __init__(self, root: Path, q: HistoryQuery) -> None:
-        self.root = root
+    def __init__(self, source: Source | Path, q: HistoryQuery) -> None:
+        if isinstance(source, Path):
+            source = Source.of(source)
         self.q = q
         # The as-of join needs the day before start for the quote prevailing at the first trade.
         lo = q.start_ns - (QUOTE_LOOKBACK_NS if q.enriched else 0)
-        self.files = stored_files(root, lo, q.end_ns)
+        self.files = source.snapshot.paths(lo, q.end_ns)
+        self._tail_file: Path | None = None
+        if source.tail is not None and source.tail.height:
+            ns = pl.col("ts").cast(pl.Int64)
+            rows = source.tail.filter(pl.col("sym").is_in(q.syms) & (ns >= lo) & (ns < q.end_ns))
+            if rows.height:  # DuckDB reads it like any stored file
+                fd, name = tempfile.mkstemp(prefix="tickpipe-tail-", suffix=".parquet")
+                os.close(fd)
+                self._tail_file = Path(name)
+                rows.write_parquet(self._tail_file, statistics=True)
+                self.files.append(self._tail_file)
         self.con = duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
 
     def close(self) -> None:
         self.con.close()
+        if self._tail_file is not None:
+            self._tail_file.unlink(missing_ok=True)
 
     def _execute(self, sql: str, params: list[object]) -> duckdb.DuckDBPyConnection:
         try:
@@ -287,10 +338,13 @@ class HistoryReader:
     def _time_col(self) -> str:
         return "start" if self.q.interval is not None else "ts"
 
-    def chunks(self, size: int = 50_000, ns_ints: bool = True) -> Iterator[pl.DataFrame]:
+    def chunks(
+        self, size: int = 50_000, ns_ints: bool = True, project: bool = True
+    ) -> Iterator[pl.DataFrame]:
         """The result as Polars frames of at most ``size`` rows, in order.
 
         ``ns_ints`` gives timestamps as integer ns; otherwise ``Datetime("ns", "UTC")``.
+        ``project`` keeps only the query's ``fields``.
         """
         if not self.files:
             return
@@ -311,6 +365,8 @@ class HistoryReader:
                 frame = frame.with_columns(
                     pl.col(self._time_col).cast(pl.Int64).cast(pl.Datetime("ns", "UTC"))
                 )
+            if project and self.q.fields is not None:
+                frame = frame.select(self.q.fields)
             yield frame
 
     def copy_parquet(self, dest: Path) -> None:
@@ -319,6 +375,9 @@ class HistoryReader:
             sql, params = self._empty_sql(), []
         else:
             sql, params = build_sql(self.q, self.files)
+        if self.q.fields is not None:
+            cols = ", ".join('"' + c + '"' for c in self.q.fields)  # names checked by the caller
+            sql = f"SELECT {cols} FROM ({sql})"
         path = str(dest).replace("'", "''")
         self._execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet)", params)
 
@@ -340,13 +399,12 @@ class HistoryReader:
 
 
 def find_gaps(
-    root: Path, syms: list[str], start_ns: int, end_ns: int
+    source: Source | Path, syms: list[str], start_ns: int, end_ns: int
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """(gaps, epoch_changes) in stored history for these symbols in [start, end).
-
-    See ``HistoryReader.gaps`` for the shape of each entry.
+    """(gaps, epoch_changes) in history (stored and not yet recorded) for these symbols in
+    [start, end). See ``HistoryReader.gaps`` for the shape of each entry.
     """
-    reader = HistoryReader(root, HistoryQuery(syms, start_ns, end_ns))
+    reader = HistoryReader(source, HistoryQuery(syms, start_ns, end_ns))
     try:
         return reader.gaps()
     finally:

@@ -701,7 +701,7 @@ def import_file(
     Importing the same file (same bytes) again stores nothing and reports every row as a
     duplicate. Rejected rows go to ``<history>/../imports/<name>.<digest>.rejects.csv``.
     """
-    from server.recorder import SCHEMA, write_file
+    from server.store import SCHEMA, write_file
 
     with path.open("rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()

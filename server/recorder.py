@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import time
-from pathlib import Path
 
 import orjson
 import polars as pl
@@ -29,48 +30,24 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 
 from server.bus import LOG_KEY
+from server.compactor import Compactor
 from server.config import Settings
-from server.importers import TICK_SCHEMA
+from server.store import (
+    SCHEMA,
+    history_dir,
+    parse_log_id,
+    remove_stale_temporaries,
+    scan,
+    write_file,
+)
 
 log = logging.getLogger("tickpipe.recorder")
 GROUP = "recorder"
 RECORDER_KEY = "tp:recorder"
 REDIS_DOWN = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError)
-
-# Stored rows: the tick table plus where each tick stands in its symbol's sequence.
-SCHEMA: dict[str, pl.DataType] = {
-    **{k: v for k, v in TICK_SCHEMA.items() if k in ("sym", "type", "ts")},
-    "epoch": pl.Int64(),
-    "seq": pl.Int64(),
-    **{k: v for k, v in TICK_SCHEMA.items() if k not in ("sym", "type", "ts")},
-}
-
-
-def history_dir(settings: Settings) -> Path:
-    return settings.data_dir / "history"
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, n = entry_id.partition("-")
-    return int(ms), int(n or 0)
-
-
-def stored_high_water(root: Path) -> tuple[int, int]:
-    """The highest log entry id held by a stored file ((0, 0) when there is none)."""
-    best = (0, 0)
-    for f in root.glob("date=*/*.parquet"):
-        last = f.stem.partition("_")[2]
-        with contextlib.suppress(ValueError):
-            best = max(best, _id_key(last))
-    return best
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# A flush that cannot be written (disk full, I/O error, permissions): nothing is acknowledged.
+WRITE_FAILED = (OSError, pl.exceptions.PolarsError)
+DISK_FULL_BYTES = 16 * 1024 * 1024
 
 
 def entries_to_frame(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> pl.DataFrame:
@@ -91,20 +68,8 @@ def entries_to_frame(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> pl.Data
     return frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC"))).select(list(SCHEMA))
 
 
-def write_file(root: Path, frame: pl.DataFrame, first_id: str, last_id: str) -> Path:
-    """Atomically place one immutable, sorted Parquet file; returns its path."""
-    frame = frame.sort(["sym", "ts", "seq"])
-    day = frame["ts"].min().strftime("%Y-%m-%d")  # type: ignore[union-attr]
-    part = root / f"date={day}"
-    part.mkdir(parents=True, exist_ok=True)
-    final = part / f"{first_id}_{last_id}.parquet"
-    tmp = part / f".{final.name}.tmp"
-    frame.write_parquet(tmp, compression="zstd", row_group_size=128 * 1024, statistics=True)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(part)
-    return final
+class WriteFailed(Exception):
+    """A flush could not be made durable; its entries stay unacknowledged in the log."""
 
 
 class Recorder:
@@ -113,13 +78,15 @@ class Recorder:
         self.consumer = consumer
         self.root = history_dir(settings)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob("date=*/.*.tmp"):  # a write cut short by a crash
-            stale.unlink()
-        self.hwm = stored_high_water(self.root)
+        remove_stale_temporaries(self.root)  # writes cut short by a crash
+        self.hwm = scan(self.root).high_water
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2)
+        self.compactor = Compactor(self.root, settings)
         self.rows_stored = 0
         self.last_flush_ns = 0
         self.last_tick_ns = 0
+        self.write_error: str | None = None
+        self.write_errors = 0
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -143,25 +110,47 @@ class Recorder:
         return reply[0][1] if reply else []
 
     async def flush(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Store the entries above the high-water mark, then acknowledge all of them."""
-        fresh = [e for e in entries if _id_key(e[0].decode()) > self.hwm]
+        """Store the entries above the high-water mark, then acknowledge all of them.
+
+        Raises ``WriteFailed`` (nothing acknowledged, nothing visible) when the file cannot be
+        written, e.g. on a full disk."""
+        fresh = [e for e in entries if parse_log_id(e[0].decode()) > self.hwm]
         if fresh:
             frame = entries_to_frame(fresh)
             first, last = fresh[0][0].decode(), fresh[-1][0].decode()
             if frame.height:
-                await asyncio.to_thread(write_file, self.root, frame, first, last)
+                try:
+                    await asyncio.to_thread(write_file, self.root, frame, first, last)
+                except WRITE_FAILED as exc:
+                    raise WriteFailed(self._explain(exc)) from exc
                 self.rows_stored += frame.height
                 self.last_tick_ns = int(frame["ts"].max().timestamp() * 1e9)  # type: ignore[union-attr]
-            self.hwm = _id_key(last)
+            self.hwm = parse_log_id(last)
             self.last_flush_ns = time.time_ns()
         await self.redis.xack(LOG_KEY, GROUP, *[e[0] for e in entries])
+        if self.write_error is not None:
+            log.warning("history is written again; the backlog was stored")
+            self.write_error = None
+
+    def _explain(self, exc: BaseException) -> str:
+        """What went wrong, in words: a full disk is named as such (Polars reports ENOSPC
+        during a Parquet write as an opaque transport error)."""
+        detail = f"{type(exc).__name__}: {exc}"
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return detail
+        full = getattr(exc, "errno", None) == errno.ENOSPC or free < DISK_FULL_BYTES
+        prefix = "disk full: " if full else ""
+        return f"{prefix}{detail} ({free} bytes free on the history filesystem)"
 
     async def run(self) -> None:
         s = self.settings
         pending_phase = True
         buffer: list[tuple[bytes, dict[bytes, bytes]]] = []
         started = time.monotonic()
-        reporter = asyncio.create_task(self._report())
+        backoff = 0.5
+        tasks = [asyncio.create_task(self._report()), asyncio.create_task(self._compact())]
         try:
             while not self._stop.is_set():
                 try:
@@ -175,34 +164,67 @@ class Recorder:
                         await self.flush(buffer)
                         buffer = []
                         started = time.monotonic()
+                        backoff = 0.5
                     elif not buffer:
                         started = time.monotonic()
+                except WriteFailed as exc:
+                    # Keep nothing in memory: the entries stay pending in the consumer group and
+                    # are read again, oldest first, once the disk takes writes again.
+                    self.write_errors += 1
+                    self.write_error = str(exc)
+                    log.error(
+                        "cannot write history (%s); nothing acknowledged, %d log entries wait "
+                        "in Redis; retrying in %.1f s. Free disk space under %s.",
+                        exc, len(buffer), backoff, self.root,
+                    )  # fmt: skip
+                    buffer = []
+                    pending_phase = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), backoff)
+                    backoff = min(backoff * 2, 10.0)
                 except REDIS_DOWN as exc:
                     log.warning("redis unreachable (%s); retrying", exc)
                     buffer = []  # unacknowledged: they come back as pending
                     pending_phase = True
                     await asyncio.sleep(0.5)
         finally:
-            reporter.cancel()
+            for task in tasks:
+                task.cancel()
             await self.redis.aclose()
+
+    async def _compact(self) -> None:
+        """Merge small files now and then, off the event loop; errors never stop recording."""
+        while True:
+            await asyncio.sleep(self.settings.compact_every_s)
+            try:
+                await asyncio.to_thread(self.compactor.run_once)
+            except WRITE_FAILED as exc:
+                log.error("compaction failed (%s); the small files stay as they are", exc)
 
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             with contextlib.suppress(*REDIS_DOWN, rx.ResponseError):
                 groups = await self.redis.xinfo_groups(LOG_KEY)
-                lag = next((g.get("lag") for g in groups if g["name"] == GROUP.encode()), None)
+                group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+                lag = group.get("lag") if group else None
+                pending = group.get("pending") if group else None
                 now = time.time_ns()
                 await self.redis.hset(
                     RECORDER_KEY,
                     mapping={
                         "pid": os.getpid(),
+                        "state": "write_failed" if self.write_error else "ok",
+                        "error": self.write_error or "",
+                        "write_errors": self.write_errors,
                         "rows_stored": self.rows_stored,
                         "lag_batches": -1 if lag is None else lag,
+                        "pending_batches": -1 if pending is None else pending,
                         "lag_s": round((now - self.last_tick_ns) / 1e9, 3)
                         if self.last_tick_ns
                         else -1,
                         "last_flush_ns": self.last_flush_ns,
+                        "files_compacted": self.compactor.files_merged,
                         "updated_ns": now,
                     },
                 )

@@ -280,7 +280,7 @@ def write_history(
     """A hand-written history file in the recorder's layout (rows in ``SCHEMA`` order, ts in ns)."""
     import polars as pl
 
-    from server.recorder import SCHEMA, write_file
+    from server.store import SCHEMA, write_file
 
     frame = pl.DataFrame(rows, schema={**SCHEMA, "ts": pl.Int64()}, orient="row")
     frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC")))

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.recorder import SCHEMA
+from server.store import SCHEMA
 from tests.harness import Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 

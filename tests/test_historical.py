@@ -13,7 +13,7 @@ import httpx
 import polars as pl
 import pytest
 
-from server.recorder import SCHEMA
+from server.store import SCHEMA
 from tests.harness import Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 
@@ -212,9 +212,16 @@ def test_start_and_end_accept_iso_with_and_without_timezone(recorded: Stack) -> 
     assert a["count"] > 0 and a == b
 
 
-def test_unknown_symbol_returns_no_rows(recorded: Stack) -> None:
+def test_unknown_symbol_is_404_naming_it(recorded: Stack) -> None:
     start, end = _range(recorded)
-    body = _get(recorded, _key(recorded), symbols="NOPE", start=start, end=end).json()
+    resp = _get(recorded, _key(recorded), symbols="AAPL,NOPE", start=start, end=end)
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"]["code"] == "unknown_symbol"
+    assert resp.json()["error"]["symbols"] == ["NOPE"]
+
+
+def test_a_known_symbol_with_nothing_in_the_range_is_an_empty_answer(recorded: Stack) -> None:
+    body = _get(recorded, _key(recorded), symbols="AAPL", start=1, end=10).json()
     assert body == {"rows": [], "count": 0, "next_cursor": None, "gaps": 0}
 
 
@@ -329,11 +336,17 @@ def test_a_corrupted_file_errors_clearly_and_other_dates_still_answer(handmade: 
     assert ok.status_code == 200 and ok.json()["count"] == 7
 
 
-def test_no_history_yet_is_an_empty_answer(own_stack) -> None:
+def test_no_history_yet_says_the_symbol_is_unknown_in_every_format(own_stack) -> None:
     s: Stack = own_stack(feed=False)
     key = _key(s)
-    assert _get(s, key, symbols="AAPL", start=1, end=10).json()["count"] == 0
-    resp = _get(s, key, symbols="AAPL", start=1, end=10, format="arrow")
+    for fmt in ("json", "arrow"):
+        resp = _get(s, key, symbols="AAPL", start=1, end=10, format=fmt)
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_symbol"
+
+
+def test_a_published_symbol_not_yet_recorded_is_an_empty_answer(own_stack) -> None:
+    s: Stack = own_stack(feed_rate=100)
+    resp = _get(s, _key(s), symbols="AAPL", start=1, end=10, format="arrow")
     assert resp.status_code == 200 and pl.read_ipc_stream(io.BytesIO(resp.content)).height == 0
 
 
@@ -348,7 +361,7 @@ def test_ticks_of_a_file_written_across_midnight_are_found_from_the_next_day(tmp
     ]
     s = Stack(tmp_path / "s", feed=False)
     write_history(s.data_dir / "history", rows)
-    assert [p.name for p in (s.data_dir / "history").iterdir()] == ["date=2025-12-31"]
+    assert [p.name for p in (s.data_dir / "history").glob("date=*")] == ["date=2025-12-31"]
     s.start()
     try:
         resp = _get(s, _key(s), symbols="ABC", start=midnight, end=midnight + 3_600 * 10**9)
@@ -356,3 +369,58 @@ def test_ticks_of_a_file_written_across_midnight_are_found_from_the_next_day(tmp
         s.stop()
     assert resp.status_code == 200, resp.text
     assert [(r["seq"], r["price"]) for r in resp.json()["rows"]] == [(2, 11.0)]
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson", "csv", "parquet", "arrow"])
+def test_fields_picks_columns_in_the_order_asked(recorded: Stack, fmt: str) -> None:
+    key = _key(recorded)
+    start, end = _range(recorded)
+    params = dict(symbols="AAPL", start=start, end=end, format=fmt, types="trade")
+    full = _as_frame("ndjson", _get(recorded, key, **{**params, "format": "ndjson"}))
+    resp = _get(recorded, key, fields="price,ts,seq", **params)
+    assert resp.status_code == 200, resp.text
+    body = resp.content
+    if fmt == "json":
+        frame = pl.DataFrame(resp.json()["rows"])
+    elif fmt == "ndjson":
+        frame = pl.read_ndjson(io.BytesIO(body))
+    elif fmt == "csv":
+        frame = pl.read_csv(io.BytesIO(body))
+    elif fmt == "parquet":
+        frame = pl.read_parquet(io.BytesIO(body))
+    else:
+        frame = pl.read_ipc_stream(io.BytesIO(body))
+    assert frame.columns == ["price", "ts", "seq"]
+    assert frame["seq"].to_list() == full["seq"].to_list()
+
+
+def test_fields_pages_with_a_cursor_even_without_the_key_columns(recorded: Stack) -> None:
+    key = _key(recorded)
+    start, end = _range(recorded)
+    params = dict(symbols="MSFT", start=start, end=end, fields="price", types="trade")
+    whole = _get(recorded, key, **params).json()["rows"]
+    first = _get(recorded, key, limit=10, **params).json()
+    second = _get(recorded, key, limit=10, cursor=first["next_cursor"], **params).json()
+    assert [list(r) for r in first["rows"]] == [["price"]] * 10
+    assert first["rows"] + second["rows"] == whole[:20]
+
+
+def test_fields_of_enriched_ticks_and_bars(handmade: Stack) -> None:
+    key = _key(handmade)
+    rows = _get(handmade, key, symbols="XYZ", start=T0, end=T0 + 10 * MS, enriched="true",
+                fields="seq,aggressor").json()["rows"]  # fmt: skip
+    assert rows[1] == {"seq": 2, "aggressor": "buy"}
+    bars = _get(handmade, key, symbols="BAR", start=T0, end=T0 + 3600 * 10**9, interval="1m",
+                fields="start,close").json()["rows"]  # fmt: skip
+    assert bars[0] == {"start": T0, "close": 9.0}
+
+
+def test_unknown_fields_are_422_listing_the_valid_ones(recorded: Stack) -> None:
+    key = _key(recorded)
+    resp = _get(recorded, key, symbols="AAPL", start=1, end=10, fields="price,mid")
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert "mid" in err["message"] and "enriched" not in err["message"]
+    assert "price" in err["valid"] and "mid" not in err["valid"]
+    resp = _get(recorded, key, symbols="AAPL", start=1, end=10, fields=",,")
+    assert resp.status_code == 422

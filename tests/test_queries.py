@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from server.recorder import SCHEMA, write_file
+from server.store import SCHEMA, write_file
 from tests.harness import Stack, next_event, send
 
 

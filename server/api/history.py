@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -25,17 +26,20 @@ from starlette.responses import Response, StreamingResponse
 from server.api.errors import ApiError, require_key
 from server.api.ticks import parse_symbols
 from server.auth import ApiKey
+from server.bus import LOG_KEY
 from server.history import (
     INTERVALS,
     TYPES,
     CorruptHistory,
     HistoryQuery,
     HistoryReader,
+    Source,
     decode_cursor,
     encode_cursor,
     find_gaps,
+    tail_frame,
 )
-from server.recorder import history_dir
+from server.store import history_dir, stored_symbols
 
 _Encoder = Callable[[pl.DataFrame | None, dict[str, object]], bytes]
 MAX_HISTORICAL_SYMBOLS = 1000
@@ -53,6 +57,10 @@ MEDIA = {
 }
 FORMAT_BY_MEDIA = {v: k for k, v in MEDIA.items()}
 GAPS_HEADER = "X-Tickpipe-Gaps"
+# Ticks read from the Redis log because the recorder has not stored them yet: a count, or
+# "unavailable" (Redis is down: only stored ticks are in the answer), or "<n>+" when more were
+# unrecorded than a query reads (the recorder is far behind; the newest ticks are missing).
+TAIL_HEADER = "X-Tickpipe-Unrecorded"
 
 
 def parse_time(name: str, raw: str | None) -> int:
@@ -126,6 +134,28 @@ def _require_entitled(key: ApiKey, syms: list[str]) -> None:
         )
 
 
+async def _require_known(request: Request, syms: list[str]) -> None:
+    """404 for symbols that no feed ever published (Redis) and the store never held."""
+    tp = request.app.state.tp
+    stored = await asyncio.to_thread(stored_symbols, history_dir(tp.settings))
+    maybe = [s for s in syms if s not in stored]
+    if not maybe:
+        return
+    try:
+        live = await tp.bus.are_known(maybe)
+    except Exception:  # Redis down: only the store can tell
+        live = [False] * len(maybe)
+    unknown = [s for s, ok in zip(maybe, live, strict=True) if not ok]
+    if unknown:
+        raise ApiError(
+            404,
+            "unknown_symbol",
+            "no feed has published and no import has stored these symbols; check the spelling "
+            "(symbols are upper case, e.g. AAPL, BTC-USD)",
+            symbols=unknown,
+        )
+
+
 def _parse_query(request: Request, fmt: str) -> HistoryQuery:
     qp = request.query_params
     syms, start_ns, end_ns = parse_range(request)
@@ -168,7 +198,22 @@ def _parse_query(request: Request, fmt: str) -> HistoryQuery:
                 raise ApiError(422, "bad_parameter", str(exc)) from None
     if interval is not None:  # bars: one answer, not paged
         limit, after = None, None
-    return HistoryQuery(syms, start_ns, end_ns, types, enriched, interval, after, limit)
+    q = HistoryQuery(syms, start_ns, end_ns, types, enriched, interval, after, limit)
+    raw_fields = qp.get("fields")
+    if raw_fields is None:
+        return q
+    fields = tuple(dict.fromkeys(f.strip() for f in raw_fields.split(",") if f.strip()))
+    unknown = [f[:32] for f in fields if f not in q.columns]
+    if not fields or unknown:
+        kind = "bars" if interval else "enriched ticks" if enriched else "ticks"
+        raise ApiError(
+            422,
+            "bad_parameter",
+            f"fields: {', '.join(unknown) or 'none given'} not among the columns of {kind}; "
+            f"choose from {', '.join(q.columns)}",
+            valid=list(q.columns),
+        )
+    return dataclasses.replace(q, fields=fields)
 
 
 def _corrupt(exc: CorruptHistory) -> ApiError:
@@ -185,18 +230,19 @@ async def historical(request: Request) -> Response:
     fmt = _choose_format(request)
     q = _parse_query(request, fmt)
     _require_entitled(key, q.syms)
-    root = history_dir(request.app.state.tp.settings)
+    await _require_known(request, q.syms)
+    source, unrecorded = await read_source(request, q.end_ns)
     # Gaps of the whole range (all types), so a caller knows the answer is not complete.
-    found, _changes = await _run(find_gaps, root, q.syms, q.start_ns, q.end_ns)
-    headers = {GAPS_HEADER: str(len(found))}
+    found, _changes = await _run(find_gaps, source, q.syms, q.start_ns, q.end_ns)
+    headers = {GAPS_HEADER: str(len(found)), TAIL_HEADER: unrecorded}
     if fmt == "json":
-        body = await _run(_json_page, root, q, len(found))
+        body = await _run(_json_page, source, q, len(found))
         return Response(body, media_type=MEDIA["json"], headers=headers)
     if fmt == "parquet":
-        path = await _run(_parquet_file, root, q)
+        path = await _run(_parquet_file, source, q)
         return StreamingResponse(_file_chunks(path), media_type=MEDIA["parquet"], headers=headers)
     encode = {"ndjson": _ndjson, "csv": _csv, "arrow": _arrow}[fmt]
-    reader = await _run(HistoryReader, root, q)
+    reader = await _run(HistoryReader, source, q)
     chunks = _frames(reader, ns_ints=fmt != "arrow")
     first = await _run(next, chunks, None)  # a corrupt file fails here, before the 200
     return StreamingResponse(
@@ -209,10 +255,28 @@ async def gaps(request: Request) -> Response:
     key = require_key(request, "historical")
     syms, start_ns, end_ns = parse_range(request)
     _require_entitled(key, syms)
-    root = history_dir(request.app.state.tp.settings)
-    found, changes = await _run(find_gaps, root, syms, start_ns, end_ns)
+    await _require_known(request, syms)
+    source, _unrecorded = await read_source(request, end_ns)
+    found, changes = await _run(find_gaps, source, syms, start_ns, end_ns)
     body = {"gaps": found, "epoch_changes": changes, "count": len(found)}
     return Response(orjson.dumps(body), media_type=MEDIA["json"])
+
+
+async def read_source(request: Request, end_ns: int) -> tuple[Source, str]:
+    """A snapshot of the store plus, when the range reaches past it, the log entries the recorder
+    has not stored yet; and what to say about them in ``X-Tickpipe-Unrecorded``."""
+    tp = request.app.state.tp
+    source = await asyncio.to_thread(Source.of, history_dir(tp.settings))
+    if not source.needs_tail(end_ns):
+        return source, "0"
+    cap = tp.settings.history_tail_max_batches
+    try:
+        entries = await tp.redis.xrange(LOG_KEY, min=source.tail_after, max="+", count=cap + 1)
+    except Exception:  # Redis down: answer from the store, and say so
+        return source, "unavailable"
+    more = len(entries) > cap
+    source.tail = await asyncio.to_thread(tail_frame, entries[:cap], source.snapshot.high_water)
+    return source, f"{source.tail.height}{'+' if more else ''}"
 
 
 async def _run(fn, *args):  # type: ignore[no-untyped-def]
@@ -226,10 +290,10 @@ def _frames(reader: HistoryReader, ns_ints: bool) -> Iterator[pl.DataFrame]:
     yield from reader.chunks(CHUNK_ROWS, ns_ints=ns_ints)
 
 
-def _json_page(root: Path, q: HistoryQuery, gap_count: int) -> bytes:
-    reader = HistoryReader(root, q)
+def _json_page(source: Source, q: HistoryQuery, gap_count: int) -> bytes:
+    reader = HistoryReader(source, q)
     try:
-        frames = list(reader.chunks(MAX_LIMIT))
+        frames = list(reader.chunks(MAX_LIMIT, project=False))
     finally:
         reader.close()
     frame = pl.concat(frames) if frames else pl.DataFrame()
@@ -237,16 +301,18 @@ def _json_page(root: Path, q: HistoryQuery, gap_count: int) -> bytes:
     if q.limit is not None and frame.height == q.limit:
         last = frame.row(-1, named=True)
         cursor = encode_cursor(last["ts"], last["seq"], last["sym"])
+    if q.fields is not None and frame.height:
+        frame = frame.select(q.fields)
     rows = frame.write_json().encode() if frame.height else b"[]"
     tail = orjson.dumps({"count": frame.height, "next_cursor": cursor, "gaps": gap_count})
     return b'{"rows":' + rows + b"," + tail[1:]
 
 
-def _parquet_file(root: Path, q: HistoryQuery) -> Path:
+def _parquet_file(source: Source, q: HistoryQuery) -> Path:
     fd, name = tempfile.mkstemp(prefix="tickpipe-history-", suffix=".parquet")
     os.close(fd)
     path = Path(name)
-    reader = HistoryReader(root, q)
+    reader = HistoryReader(source, q)
     try:
         reader.copy_parquet(path)
     except BaseException:
