@@ -59,6 +59,7 @@ STALE_MIN_S = 2.0
 UNKNOWN_RATE_STALE_S = 60.0
 MAX_STATUS_SYMBOLS = 1000
 MAX_ERRORS = 50
+STARTUP_GRACE_S = 3.0  # state changes seen while this web process starts are not errors
 
 
 @dataclass(slots=True)
@@ -527,7 +528,8 @@ class StatusBoard:
         self._last_parts[pid] = part
         before = self._states.get(pid)
         self._states[pid] = state
-        if state != before and (before is not None or state != UP):
+        starting = time.time_ns() - self.started_ns < STARTUP_GRACE_S * 1e9
+        if state != before and not starting and (before is not None or state != UP):
             self.errors.append(
                 {
                     "ts": time.time_ns(),
