@@ -115,6 +115,7 @@ class StatusBoard:
         self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_ERRORS)
         self._symbols: dict[str, _SymbolTrack] = {}
         self._states: dict[str, str] = {}
+        self._logged: set[str] = set()  # parts whose trouble is in ``errors``: log their recovery
         self._rejected: dict[str, float] = {}
         self._last_parts: dict[str, dict[str, Any]] = {}
         self._prev_counts: tuple[float, int, int, int] | None = None
@@ -185,7 +186,8 @@ class StatusBoard:
             self._note(p)
         rank = {UP: 0, DEGRADED: 1, DOWN: 2}
         worst = max(parts, key=lambda p: rank[p["state"]])
-        overall = DOWN if parts[0]["state"] == DOWN else worst["state"]
+        # Down only with Redis (nothing live works); any other part down degrades the service.
+        overall = DOWN if parts[0]["state"] == DOWN else UP if worst["state"] == UP else DEGRADED
         stale = [s["sym"] for s in symbols if s["state"] != UP]
         if overall == UP and stale:
             overall = DEGRADED
@@ -483,7 +485,8 @@ class StatusBoard:
                 t.seq, t.changed = seq_n, mono
             else:
                 t.rate = 0.0
-            row: dict[str, Any] = {"sym": sym, "seq": seq_n}
+            # "last_seq", not "seq": ticks out are counted by '"seq":' in each frame sent.
+            row: dict[str, Any] = {"sym": sym, "last_seq": seq_n}
             for raw in (trade, quote):
                 if raw is None:
                     continue
@@ -529,15 +532,20 @@ class StatusBoard:
         before = self._states.get(pid)
         self._states[pid] = state
         starting = time.time_ns() - self.started_ns < STARTUP_GRACE_S * 1e9
-        if state != before and not starting and (before is not None or state != UP):
-            self.errors.append(
-                {
-                    "ts": time.time_ns(),
-                    "part": pid,
-                    "state": state,
-                    "message": part["reason"] if state != UP else "back up",
-                }
-            )
+        if state == before or starting or (state == UP and pid not in self._logged):
+            return
+        if state == UP:
+            self._logged.discard(pid)
+        else:
+            self._logged.add(pid)
+        self.errors.append(
+            {
+                "ts": time.time_ns(),
+                "part": pid,
+                "state": state,
+                "message": part["reason"] if state != UP else "back up",
+            }
+        )
 
     def _note_rejects(self, pid: str, rejected: dict[str, int], last: list[Any]) -> None:
         total = float(sum(rejected.values()))

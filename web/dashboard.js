@@ -26,7 +26,7 @@ const S = {
   symStatus: new Map(),   // sym -> status row (ticks_per_s, stale, reason)
   history: new Map(),     // sym -> [{time, value}], bounded
   chartSym: null, chart: null, series: null,
-  localErrors: [], errorsSig: "", samples: 0, redisInterrupted: false, lastError: null,
+  localErrors: [], errorsSig: null, samples: 0, redisInterrupted: false, lastError: null,
 };
 
 // -- connection -------------------------------------------------------------------------------
@@ -254,10 +254,18 @@ function row(sym) {
     // keep the table sorted by symbol
     const after = [...S.rows.keys()].filter((s) => s > sym).sort()[0];
     $("#symbols tbody").insertBefore(tr, after ? S.rows.get(after).tr : null);
-    r = { tr, cells, lastTs: 0, lastPrice: null, bid: null, ask: null };
+    r = { tr, cells, lastTs: 0, lastPrice: null, bid: null, ask: null, dec: 2 };
     S.rows.set(sym, r);
   }
   return r;
+}
+
+// Prices of one symbol keep the most decimals seen for it, so the columns line up.
+function price(r, v) {
+  const s = String(v);
+  const d = s.includes(".") && !s.includes("e") ? s.length - s.indexOf(".") - 1 : 0;
+  r.dec = Math.min(8, Math.max(r.dec, d));
+  return v.toFixed(r.dec);
 }
 
 function onTick(ev) {
@@ -266,15 +274,15 @@ function onTick(ev) {
   r.lastTs = Math.max(r.lastTs, ev.ts);
   if (ev.type === "trade") {
     const c = r.cells.last;
-    c.textContent = ev.price;
+    c.textContent = price(r, ev.price);
     c.className = r.lastPrice === null || ev.price === r.lastPrice ? "" : ev.price > r.lastPrice ? "up" : "dn";
     r.lastPrice = ev.price;
     addPoint(ev.sym, ev.ts, ev.price);
   } else {
     r.bid = ev.bid; r.ask = ev.ask;
-    r.cells.bid.textContent = ev.bid;
-    r.cells.ask.textContent = ev.ask;
-    r.cells.spread.textContent = Number((ev.ask - ev.bid).toPrecision(4));
+    r.cells.bid.textContent = price(r, ev.bid);
+    r.cells.ask.textContent = price(r, ev.ask);
+    r.cells.spread.textContent = (ev.ask - ev.bid).toFixed(r.dec);
   }
 }
 
@@ -361,6 +369,10 @@ function renderErrors() {
   const sig = all.map((e) => `${e.ts}${e.part}`).join();
   if (sig === S.errorsSig) return;
   S.errorsSig = sig;
+  if (!all.length) {
+    $("#errors").replaceChildren(el("li", "muted", "none since this page opened"));
+    return;
+  }
   $("#errors").replaceChildren(...all.map((e) => {
     const li = el("li");
     li.dataset.state = e.state === "rejected" ? "degraded" : e.state;
