@@ -131,6 +131,22 @@ async def test_symbol_table_updates_with_real_ticks_and_chart_draws_points(
         await page.close()
 
 
+async def test_non_admin_key_sees_live_samples_but_no_service_status(
+    browser: Browser, dash_stack: Stack
+) -> None:
+    key = dash_stack.key("ops-viewer", ("realtime",))
+    page = await open_dashboard(browser, dash_stack, key)
+    try:
+        await page.wait_for_selector("#conn:text-is('live')", timeout=5000)
+        await page.wait_for_function("tickpipe.samples() > 20", timeout=5000)
+        assert await page.is_visible("#banner:has-text('admin scope')")
+        assert await page.eval_on_selector_all(".tile", "t => t.length") == 0
+        # its subscribe left out the status channel, so the server sent no forbidden error
+        assert not await page.is_visible("#errors li:has-text('forbidden')")
+    finally:
+        await page.close()
+
+
 async def test_page_and_server_memory_stay_bounded_under_fast_updates(
     browser: Browser, dash_stack: Stack
 ) -> None:
@@ -156,6 +172,9 @@ async def test_page_and_server_memory_stay_bounded_under_fast_updates(
         heap1, rss1 = await heap(), server.memory_info().rss
         samples = await page.evaluate("tickpipe.samples()") - samples0
         assert samples > 1000, f"only {samples} samples: the test did not exercise the page"
+        # Throttled: at most one trade and one quote per symbol per 250 ms reach the page
+        # (10 symbols: 80/s), while the feed publishes 400 ticks/s.
+        assert samples <= 50 * 10 * 2 * 4 * 1.25, samples
         # A minute of chart: the README's picture (docs/dashboard.png is a copy of it).
         await page.screenshot(path=ARTIFACTS / "dashboard-after-a-minute.png")
         print(

@@ -220,7 +220,8 @@ class Session:
         status: str,
     ) -> None:
         """Add the op to the query history (its fields; the symbols it accepted as rows)."""
-        params = orjson.dumps(op.model_dump(exclude={"op"}, exclude_none=True)).decode()
+        skip = {"op"} if op.channels else {"op", "channels"}  # as before channels existed
+        params = orjson.dumps(op.model_dump(exclude=skip, exclude_none=True)).decode()
         ms = (time.perf_counter() - t0) * 1000
         self.st.queries.record(self.key.name, f"ws:{op.op}", params, rows, None, ms, status, ts)
 
