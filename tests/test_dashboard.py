@@ -236,6 +236,25 @@ async def test_stopping_redis_turns_its_tile_red_then_the_page_recovers(
         await page.close()
 
 
+async def test_page_reconnects_by_itself_when_the_web_process_restarts(
+    browser: Browser, own_stack: type[Stack]
+) -> None:
+    s = own_stack()
+    key = s.key("ops", ("admin", "realtime"))
+    page = await open_dashboard(browser, s, key)
+    try:
+        await page.wait_for_selector("#conn:text-is('live')", timeout=10000)
+        s.web.stop()
+        await page.wait_for_selector("#conn:has-text('reconnecting')", timeout=5000)
+        s.start_web()
+        await page.wait_for_selector("#conn:text-is('live')", timeout=15000)
+        await tile_state(page, "feed:sim", "up")
+        samples = await page.evaluate("tickpipe.samples()")
+        await page.wait_for_function(f"tickpipe.samples() > {samples + 10}", timeout=10000)
+    finally:
+        await page.close()
+
+
 async def test_revoked_key_logs_the_page_out(browser: Browser, own_stack: type[Stack]) -> None:
     s = own_stack()
     key = s.key("ops-revoked", ("admin", "realtime"))
