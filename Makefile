@@ -7,15 +7,29 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DEBIAN_FRONTEND := noninteractive
 
+WEB_STAMP := web/node_modules/.installed-stamp
+
 .PHONY: setup system-deps run test lint format bench clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(WEB_STAMP)
 
-# Debian packages the project needs at run and test time.
+# Debian packages the project needs at run and test time (chromium: the dashboard's browser
+# tests drive it with Playwright; `playwright install` is never used).
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (Debian package)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (Debian package)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@command -v npm >/dev/null || { \
+	  echo "installing npm (Debian package)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq npm >/dev/null; }
+
+# The dashboard's chart library (lightweight-charts), from npm into web/node_modules (not committed).
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(WEB_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -14,6 +14,11 @@ Per symbol ``S``:
 and ``tp:symbols`` (set of every symbol ever published), ``tp:ctl:keys`` (revocation notices),
 ``tp:log`` (the tickerplant log: one stream entry per published batch, fields ``e`` =
 ``SYM=epoch,...`` and ``d`` = every event of the batch; the recorder consumes it).
+
+Heartbeats, for status pages: each process leaves its figures in a hash with a short TTL
+(``tp:feed:<name>``, ``tp:web:<host>:<pid>``, ``tp:recorder``) and feed and web processes stamp
+``tp:procs`` (sorted set: ``feed:<name>`` / ``web:<host>:<pid>`` -> last heartbeat, unix seconds),
+so a process that died is still named, as down, after its hash expired.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from server.ticks import Tick, Trade
 SYMBOLS_KEY = "tp:symbols"
 CHANNEL_PREFIX = "tp:tick:"
 FEED_KEY_PREFIX = "tp:feed:"
+WEB_KEY_PREFIX = "tp:web:"
+PROCS_KEY = "tp:procs"
+FIGURES_TTL_S = 3  # heartbeat hashes are refreshed every second; gone 3 s after a process is
 LOG_KEY = "tp:log"
 # Published (payload: the key's name) when a key is revoked, so web processes act at once;
 # they also re-read the key file every second, which covers a missed message.

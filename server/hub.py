@@ -41,6 +41,21 @@ class RedisUnavailable(Exception):
     """Redis did not answer in time; the request can be retried."""
 
 
+class FanoutCounters:
+    """Running totals of this web process's fan-out, kept across connections (for status and
+    metrics)."""
+
+    __slots__ = ("conflated", "conflations", "events_out", "frames_out", "slow_closes", "ticks_out")
+
+    def __init__(self) -> None:
+        self.frames_out = 0
+        self.events_out = 0
+        self.ticks_out = 0
+        self.conflations = 0  # times a connection started conflating
+        self.conflated = 0  # quotes replaced by a newer one before they were sent
+        self.slow_closes = 0  # connections closed as slow consumers (4008)
+
+
 class Subscriber:
     """The outbound side of one WebSocket: a bounded buffer in characters and one writer task."""
 
@@ -74,6 +89,12 @@ class Subscriber:
         self.frames_out = 0
         self.events_out = 0
         self.conflated = 0
+        self.counters = FanoutCounters()  # the hub's shared totals once attached
+        self.channels: set[str] = set()  # non-tick channels, e.g. "status"
+        # Sampling (``throttle_ms``): the latest trade and quote per symbol, sent once a period.
+        self.sample_s = 0.0
+        self._samples: dict[str, dict[str, str]] = {}
+        self._sampling = asyncio.Event()
 
     # -- called by the hub (never awaits) --
 
@@ -89,7 +110,9 @@ class Subscriber:
             if not kept:
                 return
             fragment = ",".join(kept)
-        if self.conflating:
+        if self.sample_s:
+            self._sample(sym, fragment)
+        elif self.conflating:
             self._push_conflating(sym, fragment)
         else:
             self._enqueue(fragment, now=False)
@@ -99,6 +122,7 @@ class Subscriber:
             if ev.startswith('{"type":"quote"'):
                 if sym in self._latest_quote:
                     self.conflated += 1
+                    self.counters.conflated += 1
                 self._latest_quote[sym] = ev
                 if self.defer_wake is not None:
                     self.defer_wake(self)
@@ -110,6 +134,44 @@ class Subscriber:
                 if pending is not None:
                     self._enqueue(pending, now=False)
                 self._enqueue(ev, now=False)
+
+    def _sample(self, sym: str, fragment: str) -> None:
+        slots = self._samples.get(sym)
+        if slots is None:
+            slots = self._samples[sym] = {}
+        for ev in protocol.split_events(fragment):
+            kind = protocol.event_type(ev)
+            if kind in MASKS:
+                slots.pop(kind, None)  # the newer event goes last: seq order holds in a sample
+                slots[kind] = ev
+            else:  # status events (epoch_changed) are never sampled away; older samples first
+                if slots:
+                    self._enqueue(",".join(slots.values()))
+                    slots.clear()
+                self._enqueue(ev)
+
+    def set_throttle(self, ms: int) -> None:
+        """Sample this connection's ticks every ``ms`` (0: every tick, as published)."""
+        self.sample_s = ms / 1000
+        if self.sample_s:
+            self._sampling.set()
+        else:
+            self._sampling.clear()
+            self._flush_samples()
+
+    def _flush_samples(self) -> None:
+        if not self._samples:
+            return
+        parts = [ev for slots in self._samples.values() for ev in slots.values()]
+        self._samples.clear()
+        self._enqueue(",".join(parts))
+
+    async def run_sampler(self) -> None:
+        """While ``throttle_ms`` is set: queue the latest samples once per period."""
+        while self.close_code is None:
+            await self._sampling.wait()
+            await asyncio.sleep(self.sample_s or 0)
+            self._flush_samples()
 
     def _enqueue(self, text: str, now: bool = True) -> None:
         self._queue.append(text)
@@ -127,6 +189,7 @@ class Subscriber:
             return
         if not self.conflating and self._queued > self._conflate_at:
             self.conflating = True
+            self.counters.conflations += 1
             self._queue.append(
                 protocol.event_json(
                     protocol.status(
@@ -156,6 +219,10 @@ class Subscriber:
             return
         self.close_code = code
         self.close_event = event
+        if code == protocol.CloseCode.SLOW_CONSUMER:
+            self.counters.slow_closes += 1
+        self._samples.clear()
+        self._sampling.set()  # let the sampler see the close and end
         self._queue.clear()
         self._latest_quote.clear()
         self._held.clear()
@@ -186,6 +253,7 @@ class Subscriber:
     def unhold(self, syms: list[str]) -> None:
         for sym in syms:
             self._held.pop(sym, None)
+            self._samples.pop(sym, None)
 
     # -- the writer task --
 
@@ -202,7 +270,11 @@ class Subscriber:
             parts.extend(self._latest_quote.values())
             self._latest_quote.clear()
         self.events_out += len(parts)
-        return "[" + ",".join(parts) + "]"
+        text = "[" + ",".join(parts) + "]"
+        c = self.counters
+        c.events_out += len(parts)
+        c.ticks_out += text.count('"seq":')  # one per tick event; a C scan of what is sent
+        return text
 
     async def run_writer(self) -> None:
         """Drain the buffer into frames until the connection closes."""
@@ -213,6 +285,7 @@ class Subscriber:
                 text = self._take_frame()
                 await self._send_text(text)
                 self.frames_out += 1
+                self.counters.frames_out += 1
                 self.last_send = time.monotonic()
             if self.conflating and self.close_code is None and not self._queue:
                 self.conflating = False
@@ -261,6 +334,7 @@ class Hub:
         self._received = 0  # replies read on the pub/sub connection, for the watchdog
         self._dirty: set[Subscriber] = set()
         self.on_lost: list[Callable[[], None]] = []  # called when the pub/sub connection drops
+        self.counters = FanoutCounters()
         self._flush_s = settings.flush_ms / 1000
 
     # -- lifecycle --
@@ -293,6 +367,7 @@ class Hub:
 
     def attach(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
+        sub.counters = self.counters
         if self._flush_s > 0:
             sub.defer_wake = self._dirty.add
 

@@ -12,7 +12,16 @@ from enum import IntEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 TICK_TYPES = ("trade", "quote")
@@ -46,16 +55,42 @@ class Auth(_Op):
     key: Annotated[str, Field(max_length=256)]
 
 
-class Subscribe(_Op):
+Symbols = list[Annotated[str, Field(max_length=64)]]
+# Non-tick channels: "status" (service_status frames every second, admin scope).
+Channels = list[Literal["status"]]
+MIN_THROTTLE_MS, MAX_THROTTLE_MS = 50, 60_000
+
+
+class _SymbolsOrChannels(_Op):
+    symbols: Symbols = []
+    channels: Channels = []
+
+    @model_validator(mode="after")
+    def _something(self) -> _SymbolsOrChannels:
+        if not self.symbols and not self.channels:
+            raise ValueError('name at least one symbol, or a channel such as "status"')
+        return self
+
+
+class Subscribe(_SymbolsOrChannels):
     op: Literal["subscribe"]
-    symbols: Annotated[list[Annotated[str, Field(max_length=64)]], Field(min_length=1)]
     types: Annotated[list[Literal["trade", "quote"]], Field(min_length=1)] = ["trade", "quote"]
     snapshot: StrictBool = False
+    # Sample this connection's ticks: the latest trade and quote per symbol once per period
+    # (0 turns sampling off; absent leaves it as it is).
+    throttle_ms: Annotated[StrictInt, Field(ge=0, le=MAX_THROTTLE_MS)] | None = None
+
+    @model_validator(mode="after")
+    def _throttle_floor(self) -> Subscribe:
+        if self.throttle_ms is not None and 0 < self.throttle_ms < MIN_THROTTLE_MS:
+            raise ValueError(
+                f"throttle_ms must be 0 (off) or {MIN_THROTTLE_MS} to {MAX_THROTTLE_MS}"
+            )
+        return self
 
 
-class Unsubscribe(_Op):
+class Unsubscribe(_SymbolsOrChannels):
     op: Literal["unsubscribe"]
-    symbols: Annotated[list[Annotated[str, Field(max_length=64)]], Field(min_length=1)]
 
 
 class Ping(_Op):

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from server import protocol
 from server.api.errors import ApiError, api_error_handler
 from server.api.history import gaps, historical
+from server.api.status import metrics, status
 from server.api.ticks import realtime
 from server.api.ws import ws_endpoint
 from server.auth import ConnectionQuota, KeyStore
@@ -27,11 +29,15 @@ from server.bus import Bus
 from server.config import Settings, get_settings
 from server.hub import Hub
 from server.latest import LatestCache
+from server.metrics import make_registry
 from server.protocol import CloseCode
 from server.queries import QueryLog, QueryRecorder, queries_endpoint
+from server.status import StatusBoard
 
 log = logging.getLogger("tickpipe.web")
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+# The dashboard's chart library, installed by `make setup` (npm ci in web/), served from here.
+CHARTS_DIR = WEB_DIR / "node_modules" / "lightweight-charts" / "dist"
 
 
 @dataclass
@@ -45,6 +51,8 @@ class AppState:
     latest: LatestCache
     started_ns: int
     queries: QueryLog
+    status: StatusBoard
+    metrics: CollectorRegistry
 
 
 def enforce_revocations(st: AppState) -> None:
@@ -134,6 +142,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         bus = Bus(redis, settings.history_per_symbol)
         keys = KeyStore(settings.keys_db)
         hub = Hub(settings, bus)
+        started_ns = time.time_ns()
+        board = StatusBoard(settings, redis, hub, started_ns)
         st = AppState(
             settings,
             redis,
@@ -142,8 +152,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             keys,
             ConnectionQuota(redis, settings.max_conns_per_key),
             LatestCache(hub, bus),
-            time.time_ns(),
+            started_ns,
             QueryLog(settings.queries_db, settings.query_log_max),
+            board,
+            make_registry(board, hub),
         )
         app.state.tp = st
         hub.on_control = lambda _channel, _payload: enforce_revocations(st)
@@ -151,11 +163,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         bootstrap_admin(keys, settings)
         task = asyncio.create_task(maintain(st))
         flusher = asyncio.create_task(st.queries.run())
+        reporter = asyncio.create_task(board.run())
         try:
             yield
         finally:
             task.cancel()
             flusher.cancel()
+            reporter.cancel()
+            await board.forget()
             for sub in list(hub.subscribers):
                 sub.close(1001, protocol.error("shutdown", "server is restarting", fatal=True))
             await hub.stop()
@@ -169,11 +184,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         Route("/healthz", healthz),
+        Route("/status", status),
+        Route("/metrics", metrics),
         Route("/queries", queries_endpoint),
         Route("/ticks/realtime", realtime),
         Route("/ticks/historical", historical),
         Route("/ticks/gaps", gaps),
         WebSocketRoute("/ws", ws_endpoint),
+        Mount("/vendor/lightweight-charts", StaticFiles(directory=CHARTS_DIR, check_dir=False)),
         Mount("/", StaticFiles(directory=WEB_DIR, html=True, check_dir=False), name="web"),
     ]
     app = Starlette(

@@ -220,7 +220,8 @@ class Session:
         status: str,
     ) -> None:
         """Add the op to the query history (its fields; the symbols it accepted as rows)."""
-        params = orjson.dumps(op.model_dump(exclude={"op"}, exclude_none=True)).decode()
+        skip = {"op"} if op.channels else {"op", "channels"}  # as before channels existed
+        params = orjson.dumps(op.model_dump(exclude=skip, exclude_none=True)).decode()
         ms = (time.perf_counter() - t0) * 1000
         self.st.queries.record(self.key.name, f"ws:{op.op}", params, rows, None, ms, status, ts)
 
@@ -231,11 +232,31 @@ class Session:
         """Subscribe and answer; returns the count of symbols accepted and a status."""
         st, sub, key = self.st, self.sub, self.key
         limit = st.settings.max_symbols_per_conn
-        if not key.has_scope("realtime"):
+        if op.channels and not key.has_scope("admin"):
+            sub.send(
+                protocol.error(
+                    "forbidden",
+                    f"the {'/'.join(op.channels)} channel needs a key with the 'admin' scope; "
+                    f"key {key.name!r} has {', '.join(sorted(key.scopes))}. Nothing was "
+                    "subscribed",
+                    op.id,
+                )
+            )
+            return 0, "forbidden"
+        if op.symbols and not key.has_scope("realtime"):
             sub.send(
                 protocol.error("forbidden", f"key {key.name!r} lacks the 'realtime' scope", op.id)
             )
             return 0, "forbidden"
+        if op.throttle_ms is not None:
+            sub.set_throttle(op.throttle_ms)
+        if op.channels:
+            sub.channels.update(op.channels)
+            if st.status.frame is not None:  # the latest status at once, then every second
+                sub.send_raw(st.status.frame)
+        if not op.symbols:
+            sub.send(self._subscribed(op, {}, []))
+            return 0, "ok"
         syms = self._normalise(op.symbols)
         if len(syms) > limit:
             sub.send(
@@ -290,16 +311,8 @@ class Session:
                     )
                 )
                 return 0, "unavailable"
-        sub.send(
-            {
-                "type": "subscribed",
-                "id": op.id,
-                "symbols": sorted(sub.symbols),
-                "types": op.types,
-                "seq": {s: {"epoch": latest[s].epoch, "seq": latest[s].seq} for s in accepted},
-                "rejected": rejected,
-            }
-        )
+        seq = {s: {"epoch": latest[s].epoch, "seq": latest[s].seq} for s in accepted}
+        sub.send(self._subscribed(op, seq, rejected))
         if op.snapshot:
             for sym in accepted:
                 for kind, raw in (("trade", latest[sym].trade), ("quote", latest[sym].quote)):
@@ -309,7 +322,22 @@ class Session:
             sub.release(sym, latest[sym].seq, sub.symbols[sym])
         return len(accepted), "ok"
 
+    def _subscribed(
+        self, op: protocol.Subscribe, seq: dict[str, Any], rejected: list[dict[str, str]]
+    ) -> dict[str, Any]:
+        return {
+            "type": "subscribed",
+            "id": op.id,
+            "symbols": sorted(self.sub.symbols),
+            "channels": sorted(self.sub.channels),
+            "types": op.types,
+            "throttle_ms": round(self.sub.sample_s * 1000),
+            "seq": seq,
+            "rejected": rejected,
+        }
+
     def unsubscribe(self, op: protocol.Unsubscribe) -> tuple[int, str]:
+        self.sub.channels.difference_update(op.channels)
         syms = self._normalise(op.symbols)
         if "*" in syms:
             syms = sorted(self.sub.symbols)
@@ -321,6 +349,7 @@ class Session:
                 "type": "unsubscribed",
                 "id": op.id,
                 "symbols": sorted(self.sub.symbols),
+                "channels": sorted(self.sub.channels),
                 "removed": gone,
                 "rejected": rejected,
             }
@@ -355,6 +384,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
     session = Session(ws, st, key, sub)
     tasks = [
         asyncio.create_task(sub.run_writer()),
+        asyncio.create_task(sub.run_sampler()),
         asyncio.create_task(session.read_loop()),
         asyncio.create_task(sub.closed.wait()),
     ]

@@ -20,7 +20,7 @@ import orjson
 from redis import exceptions as rx
 from redis.asyncio import Redis
 
-from server.bus import FEED_KEY_PREFIX, SYMBOLS_KEY, Bus
+from server.bus import FEED_KEY_PREFIX, FIGURES_TTL_S, PROCS_KEY, SYMBOLS_KEY, Bus
 from server.config import Settings
 from server.feed.simulator import Simulator
 from server.ticks import Tick, reject_reason
@@ -112,7 +112,8 @@ class Tickerplant:
                         "updated_ns": time.time_ns(),
                     },
                 )
-                await self.redis.expire(key, 10)
+                await self.redis.expire(key, FIGURES_TTL_S)
+                await self.redis.zadd(PROCS_KEY, {"feed:" + self.settings.feed_name: time.time()})
             except REDIS_DOWN:
                 pass
 

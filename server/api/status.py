@@ -1,0 +1,35 @@
+"""``GET /status`` (service status) and ``GET /metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.api.errors import ApiError, require_key
+from server.status import DEGRADED, UP
+
+
+def _json(body: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def status(request: Request) -> Response:
+    """Without a key: the overall state only (a liveness check). With an admin key: every part,
+    its state, reason and figures, every symbol's staleness, recent errors. 503 when down."""
+    board = request.app.state.tp.status
+    if request.headers.get("authorization") is None:
+        summary = board.summary()
+        return _json(summary, 200 if summary["status"] in (UP, DEGRADED) else 503)
+    require_key(request, "admin")
+    report = board.report
+    if report is None:
+        raise ApiError(503, "unavailable", "status is being gathered; retry in a second")
+    return _json(report, 200 if report["status"] in (UP, DEGRADED) else 503)
+
+
+async def metrics(request: Request) -> Response:
+    require_key(request, "admin")
+    st = request.app.state.tp
+    return Response(generate_latest(st.metrics), media_type=CONTENT_TYPE_LATEST)
