@@ -29,7 +29,7 @@ import polars as pl
 from redis import exceptions as rx
 from redis.asyncio import Redis
 
-from server.bus import LOG_KEY
+from server.bus import FIGURES_TTL_S, LOG_KEY
 from server.compactor import Compactor
 from server.config import Settings
 from server.store import (
@@ -83,6 +83,7 @@ class Recorder:
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2)
         self.compactor = Compactor(self.root, settings)
         self.rows_stored = 0
+        self.entries_stored = 0
         self.last_flush_ns = 0
         self.last_tick_ns = 0
         self.write_error: str | None = None
@@ -125,6 +126,7 @@ class Recorder:
                     raise WriteFailed(self._explain(exc)) from exc
                 self.rows_stored += frame.height
                 self.last_tick_ns = int(frame["ts"].max().timestamp() * 1e9)  # type: ignore[union-attr]
+            self.entries_stored += len(fresh)
             self.hwm = parse_log_id(last)
             self.last_flush_ns = time.time_ns()
         await self.redis.xack(LOG_KEY, GROUP, *[e[0] for e in entries])
@@ -219,6 +221,10 @@ class Recorder:
                         "write_errors": self.write_errors,
                         "rows_stored": self.rows_stored,
                         "lag_batches": -1 if lag is None else lag,
+                        # Estimated from the ticks per batch stored so far.
+                        "lag_ticks": -1
+                        if lag is None or not self.entries_stored
+                        else round(lag * self.rows_stored / self.entries_stored),
                         "pending_batches": -1 if pending is None else pending,
                         "lag_s": round((now - self.last_tick_ns) / 1e9, 3)
                         if self.last_tick_ns
@@ -228,7 +234,7 @@ class Recorder:
                         "updated_ns": now,
                     },
                 )
-                await self.redis.expire(RECORDER_KEY, 10)
+                await self.redis.expire(RECORDER_KEY, FIGURES_TTL_S)
 
 
 async def run_recorder(settings: Settings) -> None:

@@ -393,6 +393,9 @@ class StatusBoard:
             "rows_stored": int(_num(raw, "rows_stored")),
             "lag_s": lag_s,
             "lag_batches": lag_batches,
+            "lag_ticks": int(_num(raw, "lag_ticks", -1)),
+            "write_errors": int(_num(raw, "write_errors")),
+            "files_compacted": int(_num(raw, "files_compacted")),
             "last_flush_age_s": round(max(0.0, now - last_flush), 3) if last_flush else None,
             "heartbeat_age_s": round(max(0.0, now - updated), 3),
         }
@@ -402,6 +405,15 @@ class StatusBoard:
                 "recorder",
                 DOWN,
                 f"no heartbeat for {_ago(now - updated)}: the recorder stopped or hangs",
+                figures,
+            )
+        if _s(raw, "state") == "write_failed":
+            return _part(
+                "recorder",
+                "recorder",
+                DOWN,
+                f"cannot write history ({_s(raw, 'error')[:200]}); nothing is lost while the "
+                f"{max(lag_batches, 0)} waiting batches stay in the Redis log: free disk space",
                 figures,
             )
         if lag_batches > 0 and lag_s > RECORDER_LAG_S:

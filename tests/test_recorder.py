@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import duckdb
+import httpx
 import pytest
 import redis
 
@@ -206,6 +207,10 @@ def test_a_full_disk_stops_acknowledging_and_loses_nothing(tmp_path) -> None:
         r.close()
         assert pending > 0 or int(_recorder_state(s)["lag_batches"]) > 0
         assert not list(history.glob("date=*/.*.tmp")), "a failed write left a partial file"
+        admin = s.key("ops", ("admin",))
+        status = httpx.get(f"{s.base}/status", headers={"Authorization": f"Bearer {admin}"})
+        rec = next(p for p in status.json()["services"] if p["id"] == "recorder")
+        assert rec["state"] == "down" and "disk full" in rec["reason"], rec
         # "Free disk space": grow the filesystem under the running recorder.
         subprocess.run(["mount", "-o", "remount,size=64m", str(history)], check=True)
         _wait_state(s, "ok")

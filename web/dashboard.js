@@ -167,7 +167,9 @@ function keyFigures(part) {
     }
     case "recorder":
       return [["lag", fmt.s(f.lag_s)], ["batches waiting", fmt.n(f.lag_batches)],
-        ["rows stored", fmt.n(f.rows_stored)], ["last flush", f.last_flush_age_s == null ? "—" : `${fmt.s(f.last_flush_age_s)} ago`]];
+        ["ticks waiting", f.lag_ticks == null || f.lag_ticks < 0 ? "—" : `≈ ${fmt.n(f.lag_ticks)}`],
+        ["rows stored", fmt.n(f.rows_stored)], ["last flush", f.last_flush_age_s == null ? "—" : `${fmt.s(f.last_flush_age_s)} ago`],
+        ["write errors", fmt.n(f.write_errors || 0)], ["files compacted", fmt.n(f.files_compacted || 0)]];
     case "web":
       return [["connections", fmt.n(f.connections)], ["subscriptions", fmt.n(f.subscriptions)],
         ["frames/s out", fmt.n(f.frames_per_s)], ["ticks/s out", fmt.n(f.ticks_out_per_s)],
