@@ -29,6 +29,7 @@ from server.hub import Hub
 from server.latest import LatestCache
 from server.protocol import CloseCode
 from server.queries import QueryLog, QueryRecorder, queries_endpoint
+from server.replay import FIGURES
 
 log = logging.getLogger("tickpipe.web")
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
@@ -112,7 +113,11 @@ async def healthz(request: Request) -> Response:
     st: AppState = request.app.state.tp
     up = st.hub.redis_up
     return JSONResponse(
-        {"status": "ok" if up else "degraded", "redis": "up" if up else "down"},
+        {
+            "status": "ok" if up else "degraded",
+            "redis": "up" if up else "down",
+            "replays": {"active": FIGURES.active, "open_readers": FIGURES.open_readers},
+        },
         status_code=200,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -36,6 +37,7 @@ from server.history import (
     find_gaps,
 )
 from server.recorder import history_dir
+from server.replay import fingerprint_range
 
 _Encoder = Callable[[pl.DataFrame | None, dict[str, object]], bytes]
 MAX_HISTORICAL_SYMBOLS = 1000
@@ -189,6 +191,12 @@ async def historical(request: Request) -> Response:
     # Gaps of the whole range (all types), so a caller knows the answer is not complete.
     found, _changes = await _run(find_gaps, root, q.syms, q.start_ns, q.end_ns)
     headers = {GAPS_HEADER: str(len(found))}
+    if request.query_params.get("fingerprint", "false").lower() in ("1", "true", "yes"):
+        if q.interval is not None:
+            raise ApiError(422, "bad_parameter", "fingerprint is for ticks, not bars")
+        whole = dataclasses.replace(q, limit=None, after=None)
+        body = await _run(fingerprint_range, root, whole)
+        return Response(orjson.dumps({**body, "gaps": len(found)}), media_type=MEDIA["json"])
     if fmt == "json":
         body = await _run(_json_page, root, q, len(found))
         return Response(body, media_type=MEDIA["json"], headers=headers)
