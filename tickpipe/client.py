@@ -143,6 +143,23 @@ class Client:
             raise TickpipeError(err["code"], err["message"], err)
         return r
 
+    async def _historical(
+        self,
+        symbols: Iterable[str],
+        start: TimeLike,
+        end: TimeLike,
+        types: Iterable[str],
+        **params: Any,
+    ) -> httpx.Response:
+        return await self._get(
+            "/ticks/historical",
+            symbols=",".join(symbols),
+            start=_ns(start),
+            end=_ns(end),
+            types=",".join(types),
+            **params,
+        )
+
     async def history(
         self,
         symbols: Iterable[str],
@@ -152,14 +169,8 @@ class Client:
         enriched: bool = False,
     ) -> pl.DataFrame:
         """Stored ticks of ``[start, end)`` in (ts, seq) order, as a DataFrame (sent as Arrow)."""
-        r = await self._get(
-            "/ticks/historical",
-            symbols=",".join(symbols),
-            start=_ns(start),
-            end=_ns(end),
-            types=",".join(types),
-            enriched=str(enriched).lower(),
-            format="arrow",
+        r = await self._historical(
+            symbols, start, end, types, enriched=str(enriched).lower(), format="arrow"
         )
         return pl.read_ipc_stream(io.BytesIO(r.content))
 
@@ -167,14 +178,7 @@ class Client:
         self, symbols: Iterable[str], start: TimeLike, end: TimeLike, types: Iterable[str] = TICKS
     ) -> dict[str, Any]:
         """``count``, ``first_ts``, ``last_ts``, ``fingerprint`` of a stored range (server side)."""
-        r = await self._get(
-            "/ticks/historical",
-            symbols=",".join(symbols),
-            start=_ns(start),
-            end=_ns(end),
-            types=",".join(types),
-            fingerprint="true",
-        )
+        r = await self._historical(symbols, start, end, types, fingerprint="true")
         return r.json()
 
     async def latest(self, symbols: Iterable[str]) -> dict[str, dict[str, Any]]:
