@@ -22,7 +22,7 @@ import duckdb
 from server import protocol
 from server.history import TICK_COLUMNS, stored_files
 from server.hub import MASKS
-from server.replay import SLICE_EVENTS, gap_event, row_event
+from server.replay import SLICE_EVENTS, gap_event, parquet_source, row_event
 
 if TYPE_CHECKING:
     from server.bus import Bus, Latest
@@ -59,7 +59,7 @@ class StoredSeqs:
         self.params = [sym, epoch, after, before]
         self._lock = threading.Lock()
         self._cur: duckdb.DuckDBPyConnection | None = None
-        self._src = "read_parquet([" + ", ".join(_quote(f) for f in self.files) + "])"
+        self._src = parquet_source(self.files)
 
     def earliest(self) -> int | None:
         """The lowest stored seq of this (sym, epoch), if any."""
@@ -87,10 +87,6 @@ class StoredSeqs:
     def close(self) -> None:
         with self._lock:
             self.con.close()
-
-
-def _quote(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def unavailable(

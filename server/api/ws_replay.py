@@ -15,23 +15,14 @@ from server import protocol
 from server.api.errors import ApiError
 from server.api.history import parse_time
 from server.auth import ApiKey
-from server.history import HistoryQuery, HistoryReader
 from server.hub import Subscriber
 from server.recorder import history_dir
-from server.replay import Replay, ReplaySpec, parse_speed
+from server.replay import Replay, ReplaySpec, parse_speed, stored_symbols
 
 if TYPE_CHECKING:
     from server.api.app import AppState
 
 FINISHED_KEPT = 256  # ids of finished replays remembered, to answer a late control clearly
-
-
-def _has_stored(st: AppState, sym: str, start_ns: int, end_ns: int) -> bool:
-    reader = HistoryReader(history_dir(st.settings), HistoryQuery([sym], start_ns, end_ns, limit=1))
-    try:
-        return next(reader.chunks(1), None) is not None
-    finally:
-        reader.close()
 
 
 class ConnectionReplays:
@@ -163,12 +154,15 @@ class ConnectionReplays:
             known = await st.bus.are_known(candidates)
         except (RedisError, OSError):
             known = [False] * len(candidates)
+        # Not published live (imported history, or no feed now): known if stored in the range.
+        others = [s for s, live in zip(candidates, known, strict=True) if not live]
+        stored = set()
+        if others:
+            root, end = history_dir(st.settings), end_ns or protocol.now_ns()
+            stored = await asyncio.to_thread(stored_symbols, root, others, start_ns, end)
         accepted = []
         for sym, live in zip(candidates, known, strict=True):
-            stored = live or await asyncio.to_thread(
-                _has_stored, st, sym, start_ns, end_ns or protocol.now_ns()
-            )
-            if stored:
+            if live or sym in stored:
                 accepted.append(sym)
             else:
                 rejected.append({"sym": sym, "code": "unknown_symbol"})
