@@ -136,13 +136,13 @@ async def replay_max(stack: Stack, key: str) -> dict[str, Any]:
     return {"events": n, "first_s": first, "total_s": total, "rate": n / total, "done": done[0]}
 
 
+def day_params(**extra: str) -> dict[str, Any]:
+    """/ticks/historical parameters for the whole generated day."""
+    return {"symbols": ",".join(SYMBOLS), "start": DAY_NS, "end": DAY_NS + 86_400 * 10**9, **extra}
+
+
 async def rest_ndjson(stack: Stack, key: str) -> dict[str, Any]:
-    params = {
-        "symbols": ",".join(SYMBOLS),
-        "start": DAY_NS,
-        "end": DAY_NS + 86_400 * 10**9,
-        "format": "ndjson",
-    }
+    params = day_params(format="ndjson")
     headers = {"Authorization": f"Bearer {key}"}
     n = 0
     first = None
@@ -160,12 +160,7 @@ async def rest_ndjson(stack: Stack, key: str) -> dict[str, Any]:
 
 
 async def rest_fingerprint(stack: Stack, key: str) -> dict[str, Any]:
-    params = {
-        "symbols": ",".join(SYMBOLS),
-        "start": DAY_NS,
-        "end": DAY_NS + 86_400 * 10**9,
-        "fingerprint": "true",
-    }
+    params = day_params(fingerprint="true")
     t0 = time.perf_counter()
     async with httpx.AsyncClient(base_url=stack.base, timeout=600) as http:
         r = await http.get(
