@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import threading
 import time
@@ -49,7 +50,7 @@ MAX_SPEED = 1_000_000.0
 DAY_NS = 86_400 * 10**9
 FIRST_WINDOW_NS = 60 * 10**9
 MIN_WINDOW_NS = 10**9
-MAX_WINDOW_NS = 7 * DAY_NS
+MAX_WINDOW_NS = DAY_NS
 CHUNK_ROWS = 20_000
 SLICE_EVENTS = 256  # most events queued in one go
 BEHIND_S = 1.0  # wall seconds behind the virtual clock before the replay slows and says so
@@ -204,6 +205,12 @@ class StoredEvents:
         self._chunks: Any = None
         self._lock = threading.Lock()
         self._closed = False
+        # Start of each stored date partition: an empty stretch is skipped to the next one.
+        self._days = sorted(
+            int(dt.datetime.fromisoformat(p.name.partition("=")[2]).replace(tzinfo=dt.UTC)
+                .timestamp()) * 10**9
+            for p in root.glob("date=*")
+        )  # fmt: skip
 
     def next_batch(self) -> Batch | None:
         """The next prepared chunk of events, or None at the end."""
@@ -215,7 +222,11 @@ class StoredEvents:
                     self._open_window()
                 frame = next(self._chunks, None)
                 if frame is None:
+                    had_files = bool(self._reader.files) if self._reader is not None else True
                     self._close_reader()
+                    if not had_files:  # nothing stored up to w_end: go to the next partition
+                        later = [d for d in self._days if d >= self._w_end]
+                        self._w_end = max(self._w_end, later[0] if later else self.end_ns)
                     grow = min(4.0, self.window_rows / max(self._rows, 1))
                     self._window = int(min(MAX_WINDOW_NS, max(MIN_WINDOW_NS, self._window * grow)))
                     self._w_start = self._w_end

@@ -150,6 +150,21 @@ async def test_two_replays_and_the_rest_export_have_one_fingerprint(hist: Stack)
     assert export.hexdigest() == rest["fingerprint"]
 
 
+async def test_a_range_reaching_far_before_and_after_the_data_replays_the_same(
+    hist: Stack,
+) -> None:
+    ws, _ = await hist.client(hist.key("wide", ["replay"]))
+    month = 30 * 86_400 * 10**9
+    await send(ws, op="replay", id="w", symbols=SYMS, start=T0 - month, end=END + month,
+               speed="max")  # fmt: skip
+    _wide, wide_done = await replay_all(ws, "w")
+    await send(ws, op="replay", id="n", symbols=SYMS, start=T0, end=END, speed="max")
+    _narrow, narrow_done = await replay_all(ws, "n")
+    await ws.close()
+    assert wide_done["count"] == len(ROWS) == narrow_done["count"]
+    assert wide_done["fingerprint"] == narrow_done["fingerprint"]
+
+
 async def test_replay_paces_events_on_a_virtual_clock(hist: Stack) -> None:
     ws, _ = await hist.client(hist.key("pace", ["replay"]))
     start, end, speed = T0 + 2000 * MS, T0 + 5000 * MS, 2  # 3 s of market time -> 1.5 s

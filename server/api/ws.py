@@ -425,8 +425,8 @@ async def ws_endpoint(ws: WebSocket) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        await session.close()  # first: a replay going live must not subscribe after detach
         st.hub.detach(sub)
-        await session.close()
         for t in tasks:
             t.cancel()
         for t in tasks:
