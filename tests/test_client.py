@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import polars as pl
 import pytest
+import redis
 
 from tests.harness import ROOT, Stack, write_history
 from tests.test_replay import END, ROWS, SYMS, T0
@@ -48,6 +49,33 @@ async def test_subscribe_is_gap_free_across_a_killed_web_process(full: Stack) ->
                 await asyncio.to_thread(_restart_web, full)
             if len(seen) >= 200:
                 break
+    last: dict[str, int] = {}
+    for t in seen:
+        if t["sym"] in last:
+            assert t["seq"] == last[t["sym"]] + 1, f"gap or duplicate at {t}"
+        last[t["sym"]] = t["seq"]
+
+
+def _drop_pubsub(stack: Stack) -> int:
+    """Make Redis drop every pub/sub connection (as it does to one over its output buffer
+    limit): the web process misses what is published until its hub reconnects."""
+    r = redis.Redis.from_url(stack.redis.url)
+    try:
+        return r.client_kill_filter(_type="pubsub")
+    finally:
+        r.close()
+
+
+async def test_subscribe_recovers_the_ticks_redis_pubsub_dropped(full: Stack) -> None:
+    seen: list[dict] = []
+    async with Client(full.base, _key(full)) as c:
+        async for tick in c.subscribe(["AAPL", "MSFT"]):
+            seen.append(tick)
+            if len(seen) == 40:
+                assert await asyncio.to_thread(_drop_pubsub, full) >= 1
+            if len(seen) >= 200:
+                break
+    assert "pub/sub connection unavailable" in full.web.output()  # the drop did happen
     last: dict[str, int] = {}
     for t in seen:
         if t["sym"] in last:
