@@ -35,6 +35,15 @@ def _key(stack: Stack) -> str:
     return stack.key(f"c{time.monotonic_ns()}", ["realtime", "historical", "replay"])
 
 
+def assert_gap_free(ticks: list[dict]) -> None:
+    """Per symbol, every tick is the one after the previous: nothing lost, nothing repeated."""
+    last: dict[str, int] = {}
+    for t in ticks:
+        if t["sym"] in last:
+            assert t["seq"] == last[t["sym"]] + 1, f"gap or duplicate at {t}"
+        last[t["sym"]] = t["seq"]
+
+
 def _restart_web(stack: Stack) -> None:
     stack.web.stop(signal.SIGKILL)
     stack.start_web()
@@ -49,11 +58,7 @@ async def test_subscribe_is_gap_free_across_a_killed_web_process(full: Stack) ->
                 await asyncio.to_thread(_restart_web, full)
             if len(seen) >= 200:
                 break
-    last: dict[str, int] = {}
-    for t in seen:
-        if t["sym"] in last:
-            assert t["seq"] == last[t["sym"]] + 1, f"gap or duplicate at {t}"
-        last[t["sym"]] = t["seq"]
+    assert_gap_free(seen)
 
 
 def _drop_pubsub(stack: Stack) -> int:
@@ -76,11 +81,7 @@ async def test_subscribe_recovers_the_ticks_redis_pubsub_dropped(full: Stack) ->
             if len(seen) >= 200:
                 break
     assert "pub/sub connection unavailable" in full.web.output()  # the drop did happen
-    last: dict[str, int] = {}
-    for t in seen:
-        if t["sym"] in last:
-            assert t["seq"] == last[t["sym"]] + 1, f"gap or duplicate at {t}"
-        last[t["sym"]] = t["seq"]
+    assert_gap_free(seen)
 
 
 async def test_replay_resumes_after_a_killed_web_process_to_an_identical_fingerprint(
