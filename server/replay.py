@@ -64,6 +64,12 @@ class Figures:
 
     active: int = 0
     open_readers: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def readers(self, delta: int) -> None:
+        """Count a history query opened (+1) or closed (-1); called from worker threads."""
+        with self._lock:
+            self.open_readers += delta
 
 
 FIGURES = Figures()
@@ -240,10 +246,15 @@ class StoredEvents:
         after = self.spec.after if self._first else None
         self._first = False
         q = HistoryQuery(
-            self.spec.syms, self._w_start, self._w_end, TYPES, self.spec.enriched, None, after
+            syms=self.spec.syms,
+            start_ns=self._w_start,
+            end_ns=self._w_end,
+            types=TYPES,
+            enriched=self.spec.enriched,
+            after=after,
         )
         self._reader = HistoryReader(self.root, q)
-        FIGURES.open_readers += 1
+        FIGURES.readers(1)
         self._chunks = self._reader.chunks(CHUNK_ROWS)
         self._rows = 0
 
@@ -253,7 +264,7 @@ class StoredEvents:
             self._reader.close()
             self._reader = None
             self._chunks = None
-            FIGURES.open_readers -= 1
+            FIGURES.readers(-1)
 
     def close(self) -> None:
         with self._lock:

@@ -165,6 +165,24 @@ async def test_a_range_reaching_far_before_and_after_the_data_replays_the_same(
     assert wide_done["fingerprint"] == narrow_done["fingerprint"]
 
 
+async def test_an_enriched_replay_carries_derived_fields_and_the_rest_fingerprint(
+    hist: Stack,
+) -> None:
+    key = hist.key("enriched", ["replay", "historical"])
+    ws, _ = await hist.client(key)
+    await send(ws, op="replay", id="e", symbols=["AAA"], start=T0, end=END, speed="max",
+               enriched=True)  # fmt: skip
+    events, done = await replay_all(ws, "e")
+    await ws.close()
+    quote = next(e for e in events if e["type"] == "quote")
+    assert quote["mid"] == (quote["bid"] + quote["ask"]) / 2 and "spread_bps" in quote
+    trades = [e for e in events if e["type"] == "trade"]
+    assert all(t["notional"] == t["price"] * t["size"] for t in trades)
+    assert all(t["aggressor"] in ("buy", "sell") for t in trades[1:])
+    rest = await rest_fingerprint(hist, key, symbols="AAA", start=T0, end=END, enriched="true")
+    assert rest["fingerprint"] == done["fingerprint"] and rest["count"] == len(events)
+
+
 async def test_replay_paces_events_on_a_virtual_clock(hist: Stack) -> None:
     ws, _ = await hist.client(hist.key("pace", ["replay"]))
     start, end, speed = T0 + 2000 * MS, T0 + 5000 * MS, 2  # 3 s of market time -> 1.5 s
