@@ -57,6 +57,22 @@ class ApiKey:
     def allows(self, sym: str) -> bool:
         return self.symbols is None or sym in self.symbols
 
+    def screen(self, symbols: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+        """The symbols this key may ask for, and the others with why not (``invalid_symbol``,
+        ``not_entitled``)."""
+        from server.ticks import is_valid_symbol
+
+        allowed: list[str] = []
+        rejected: list[dict[str, str]] = []
+        for sym in symbols:
+            if not is_valid_symbol(sym):
+                rejected.append({"sym": sym[:40], "code": "invalid_symbol"})
+            elif not self.allows(sym):
+                rejected.append({"sym": sym, "code": "not_entitled"})
+            else:
+                allowed.append(sym)
+        return allowed, rejected
+
     def public(self) -> dict[str, object]:
         """What may be shown about the key (never the secret)."""
         return {

@@ -97,6 +97,17 @@ class Settings(BaseSettings):
         100_000, ge=100, description="query history records held in memory before SQLite"
     )
 
+    # Replay (WebSocket) and resume
+    max_replays_per_conn: int = Field(64, ge=1, description="replays running at once per socket")
+    replay_buffer_bytes: int = Field(
+        128 * 1024,
+        ge=1024,
+        description="most replay bytes queued for a socket; a replay waits for the client past it",
+    )
+    replay_window_rows: int = Field(
+        200_000, ge=1000, description="target rows per history query of a replay (bounds memory)"
+    )
+
     @field_validator("symbols", mode="before")
     @classmethod
     def _split_symbols(cls, value: object) -> object:
@@ -125,6 +136,7 @@ class Settings(BaseSettings):
             "max_inbound_bytes": self.max_inbound_bytes,
             "max_buffer_bytes": self.max_buffer_bytes,
             "conflate_bytes": self.conflate_bytes,
+            "max_replays": self.max_replays_per_conn,
         }
 
 

@@ -126,6 +126,11 @@ class Source:
         return f"({ms}-{n}"
 
 
+def stored_files(root: Path, start_ns: int, end_ns: int) -> list[Path]:
+    """The files a query of [start, end) reads now (see ``Snapshot.paths``)."""
+    return scan(root).paths(start_ns, end_ns)
+
+
 def tail_frame(
     entries: list[tuple[bytes, dict[bytes, bytes]]], high_water: tuple[int, int]
 ) -> pl.DataFrame:

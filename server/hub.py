@@ -79,6 +79,7 @@ class Subscriber:
         self.conflating = False
         self._held: dict[str, list[str]] = {}  # symbols being set up: fragments held back
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()  # set by the writer after each frame (replay backpressure)
         # Set by the hub: ticks mark the subscriber dirty and one timer wakes all dirty writers,
         # so a busy connection gets one frame per flush interval, not one per Redis message.
         self.defer_wake: Callable[[Subscriber], None] | None = None
@@ -229,6 +230,14 @@ class Subscriber:
         self._queued = 0
         self.closed.set()
         self._wake.set()
+        self._drained.set()
+
+    async def wait_room(self, limit: int) -> None:
+        """Wait until at most ``limit`` characters are queued (or the connection closed): a
+        producer that can wait (a replay) keeps the buffer small instead of filling it."""
+        while self._queued > limit and self.close_code is None:
+            self._drained.clear()
+            await self._drained.wait()
 
     # -- subscription set-up: hold live fragments until the snapshot is queued --
 
@@ -287,6 +296,7 @@ class Subscriber:
                 self.frames_out += 1
                 self.counters.frames_out += 1
                 self.last_send = time.monotonic()
+                self._drained.set()
             if self.conflating and self.close_code is None and not self._queue:
                 self.conflating = False
                 self.send(protocol.status("conflation_ended", "caught up; quotes flow unconflated"))

@@ -79,6 +79,10 @@ class Subscribe(_SymbolsOrChannels):
     # Sample this connection's ticks: the latest trade and quote per symbol once per period
     # (0 turns sampling off; absent leaves it as it is).
     throttle_ms: Annotated[StrictInt, Field(ge=0, le=MAX_THROTTLE_MS)] | None = None
+    # Resume after a disconnect: send every event after these seqs, then continue live.
+    from_seq: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] | None = None
+    # The epoch the client last saw: one for all symbols of from_seq, or one per symbol.
+    epoch: int | dict[Annotated[str, Field(max_length=64)], int] | None = None
 
     @model_validator(mode="after")
     def _throttle_floor(self) -> Subscribe:
@@ -97,9 +101,38 @@ class Ping(_Op):
     op: Literal["ping"]
 
 
-ClientMessage = Annotated[Auth | Subscribe | Unsubscribe | Ping, Field(discriminator="op")]
+TimeArg = int | Annotated[str, Field(max_length=64)]
+# A speed is 1, 10, 100 (any number > 0) or "max"; checked in server.replay to say what is wrong.
+SpeedArg = float | int | Annotated[str, Field(max_length=16)]
+
+
+class Replay(_Op):
+    """Stream stored events of a range, merged in (ts, seq) order, paced at ``speed``."""
+
+    op: Literal["replay"]
+    symbols: Annotated[list[Annotated[str, Field(max_length=64)]], Field(min_length=1)]
+    start: TimeArg
+    end: TimeArg | None = None
+    types: Annotated[list[Literal["trade", "quote"]], Field(min_length=1)] = ["trade", "quote"]
+    speed: SpeedArg = 1
+    enriched: StrictBool = False
+    then_live: StrictBool = False
+    # Continue a replay that was cut off: only events strictly after this (ts, seq, sym).
+    after: tuple[int, int, Annotated[str, Field(max_length=64)]] | None = None
+
+
+class ReplayControl(_Op):
+    """``pause``, ``resume``, ``speed`` (with ``speed``) or ``stop`` the replay ``id``."""
+
+    op: Literal["pause", "resume", "speed", "stop"]
+    speed: SpeedArg | None = None
+
+
+ClientMessage = Annotated[
+    Auth | Subscribe | Unsubscribe | Ping | Replay | ReplayControl, Field(discriminator="op")
+]
 _client_message = TypeAdapter(ClientMessage)
-OPS = ("auth", "subscribe", "unsubscribe", "ping")
+OPS = ("auth", "subscribe", "unsubscribe", "ping", "replay", "pause", "resume", "speed", "stop")
 
 
 class ProtocolError(Exception):
@@ -112,7 +145,9 @@ class ProtocolError(Exception):
         self.req_id = req_id
 
 
-def parse_client_message(text: str, max_bytes: int) -> Auth | Subscribe | Unsubscribe | Ping:
+def parse_client_message(
+    text: str, max_bytes: int
+) -> Auth | Subscribe | Unsubscribe | Ping | Replay | ReplayControl:
     """Parse and validate one client text frame, or raise ``ProtocolError`` saying what to fix."""
     if len(text) > max_bytes:
         raise ProtocolError(

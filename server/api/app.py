@@ -32,6 +32,7 @@ from server.latest import LatestCache
 from server.metrics import make_registry
 from server.protocol import CloseCode
 from server.queries import QueryLog, QueryRecorder, queries_endpoint
+from server.replay import FIGURES
 from server.status import StatusBoard
 
 log = logging.getLogger("tickpipe.web")
@@ -120,7 +121,11 @@ async def healthz(request: Request) -> Response:
     st: AppState = request.app.state.tp
     up = st.hub.redis_up
     return JSONResponse(
-        {"status": "ok" if up else "degraded", "redis": "up" if up else "down"},
+        {
+            "status": "ok" if up else "degraded",
+            "redis": "up" if up else "down",
+            "replays": {"active": FIGURES.active, "open_readers": FIGURES.open_readers},
+        },
         status_code=200,
     )
 

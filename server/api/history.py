@@ -39,6 +39,7 @@ from server.history import (
     find_gaps,
     tail_frame,
 )
+from server.replay import fingerprint_range
 from server.store import history_dir, stored_symbols
 
 _Encoder = Callable[[pl.DataFrame | None, dict[str, object]], bytes]
@@ -235,6 +236,14 @@ async def historical(request: Request) -> Response:
     # Gaps of the whole range (all types), so a caller knows the answer is not complete.
     found, _changes = await _run(find_gaps, source, q.syms, q.start_ns, q.end_ns)
     headers = {GAPS_HEADER: str(len(found)), TAIL_HEADER: unrecorded}
+    if request.query_params.get("fingerprint", "false").lower() in ("1", "true", "yes"):
+        if q.interval is not None:
+            raise ApiError(422, "bad_parameter", "fingerprint is for ticks, not bars")
+        whole = dataclasses.replace(q, limit=None, after=None, fields=None)
+        body = await _run(fingerprint_range, source, whole)
+        return Response(
+            orjson.dumps({**body, "gaps": len(found)}), media_type=MEDIA["json"], headers=headers
+        )
     if fmt == "json":
         body = await _run(_json_page, source, q, len(found))
         return Response(body, media_type=MEDIA["json"], headers=headers)

@@ -14,10 +14,12 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import protocol
+from server.api.ws_replay import ConnectionReplays
 from server.auth import ApiKey, bearer_token
 from server.hub import RedisUnavailable, Subscriber
 from server.protocol import CloseCode, ProtocolError
-from server.ticks import is_valid_symbol
+from server.resume import Resume
+from server.store import history_dir
 
 if TYPE_CHECKING:
     from server.api.app import AppState
@@ -145,6 +147,14 @@ class Session:
         self.sub = sub
         self.limit = _RateLimit(st.settings.max_msgs_per_s)
         self.bad_streak = 0
+        self.replays = ConnectionReplays(st, key, sub)
+        self.resumes: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Free everything the connection started (replays, resume backlogs)."""
+        for t in self.resumes:
+            t.cancel()
+        await self.replays.close()
 
     async def read_loop(self) -> None:
         s = self.st.settings
@@ -204,6 +214,12 @@ class Session:
                 self.record(op, ts, t0, rows, status)
             elif isinstance(op, protocol.Ping):
                 self.sub.send(protocol.pong(op.id))
+            elif isinstance(op, protocol.Replay):
+                ts, t0 = time.time_ns(), time.perf_counter()
+                rows, status = await self.replays.start(op)
+                self.record(op, ts, t0, rows, status)
+            elif isinstance(op, protocol.ReplayControl):
+                self.replays.control(op)
             else:
                 self.sub.send(
                     protocol.error(
@@ -213,7 +229,7 @@ class Session:
 
     def record(
         self,
-        op: protocol.Subscribe | protocol.Unsubscribe,
+        op: protocol.Subscribe | protocol.Unsubscribe | protocol.Replay,
         ts: int,
         t0: float,
         rows: int,
@@ -275,14 +291,8 @@ class Session:
                     syms.extend(sorted(await st.bus.known_symbols() - set(syms)))
                 else:
                     rejected.append({"sym": "*", "code": "not_entitled"})
-            candidates = []
-            for sym in syms:
-                if not is_valid_symbol(sym):
-                    rejected.append({"sym": sym[:40], "code": "invalid_symbol"})
-                elif not key.allows(sym):
-                    rejected.append({"sym": sym, "code": "not_entitled"})
-                else:
-                    candidates.append(sym)
+            candidates, refused = key.screen(syms)
+            rejected += refused
             known = await st.bus.are_known(candidates)
         except (RedisError, OSError) as exc:
             sub.send(
@@ -318,8 +328,12 @@ class Session:
                 for kind, raw in (("trade", latest[sym].trade), ("quote", latest[sym].quote)):
                     if raw is not None and kind in op.types:
                         sub.send_raw(raw.decode()[:-1] + ',"snapshot":true}')
+        resuming = self._resume_requests(op, accepted, new)
         for sym in new:
-            sub.release(sym, latest[sym].seq, sub.symbols[sym])
+            if sym in resuming:
+                self._start_resume(op, sym, resuming[sym], latest[sym])
+            else:
+                sub.release(sym, latest[sym].seq, sub.symbols[sym])
         return len(accepted), "ok"
 
     def _subscribed(
@@ -335,6 +349,56 @@ class Session:
             "seq": seq,
             "rejected": rejected,
         }
+
+    def _resume_requests(
+        self, op: protocol.Subscribe, accepted: list[str], new: list[str]
+    ) -> dict[str, tuple[int, int | None]]:
+        """(from_seq, epoch) of each newly subscribed symbol the client resumes."""
+        if not op.from_seq:
+            return {}
+        epochs = op.epoch if isinstance(op.epoch, dict) else {}
+        epochs = {s.strip().upper(): e for s, e in epochs.items()}
+        out = {}
+        for raw, seq in op.from_seq.items():
+            sym = raw.strip().upper()
+            if sym in new:
+                epoch = op.epoch if isinstance(op.epoch, int) else epochs.get(sym)
+                out[sym] = (seq, epoch)
+            elif sym in accepted:
+                self.sub.send(
+                    {
+                        **protocol.error(
+                            "resume_unavailable",
+                            f"{sym} was already subscribed on this connection, so nothing was "
+                            "missed; from_seq applies to newly subscribed symbols",
+                            op.id,
+                        ),
+                        "sym": sym,
+                        "reason": "already_subscribed",
+                    }
+                )
+        return out
+
+    def _start_resume(
+        self, op: protocol.Subscribe, sym: str, want: tuple[int, int | None], state: Any
+    ) -> None:
+        s = self.st.settings
+        task = asyncio.create_task(
+            Resume(
+                self.sub,
+                self.st.bus,
+                history_dir(s),
+                op.id,
+                sym,
+                want[0],
+                want[1],
+                state,
+                self.sub.symbols[sym],
+                min(s.replay_buffer_bytes, s.conflate_bytes // 2),
+            ).run()
+        )
+        self.resumes.add(task)
+        task.add_done_callback(self.resumes.discard)
 
     def unsubscribe(self, op: protocol.Unsubscribe) -> tuple[int, str]:
         self.sub.channels.difference_update(op.channels)
@@ -391,6 +455,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        await session.close()  # first: a replay going live must not subscribe after detach
         st.hub.detach(sub)
         for t in tasks:
             t.cancel()
