@@ -141,7 +141,7 @@ def tail_frame(
     return entries_to_frame(fresh)
 
 
-def _source(files: list[Path]) -> str:
+def parquet_source(files: list[Path]) -> str:
     names = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
     return f"read_parquet([{names}])"
 
@@ -152,7 +152,7 @@ def _ns(expr: str) -> str:
 
 def build_sql(q: HistoryQuery, files: list[Path]) -> tuple[str, list[object]]:
     """The SQL (timestamps as TIMESTAMPTZ_NS) and its parameters for this query."""
-    src = _source(files)
+    src = parquet_source(files)
     sym_in = "sym IN (SELECT unnest(?::VARCHAR[]))"
     params: list[object]
     if q.interval is not None:
@@ -300,7 +300,7 @@ class HistoryReader:
         """
         if not self.files:
             return [], []
-        sql = GAPS_SQL.format(src=_source(self.files))
+        sql = GAPS_SQL.format(src=parquet_source(self.files))
         rows = self._execute(sql, [self.q.syms, self.q.start_ns, self.q.end_ns]).fetchall()
         gaps: list[dict[str, object]] = []
         changes: list[dict[str, object]] = []
@@ -334,7 +334,7 @@ class HistoryReader:
         for f in self.files:
             try:
                 with duckdb.connect() as probe:
-                    probe.execute(f"SELECT count(*), max(ts) FROM {_source([f])}").fetchall()
+                    probe.execute(f"SELECT count(*), max(ts) FROM {parquet_source([f])}").fetchall()
             except duckdb.Error as bad:
                 return CorruptHistory(f, str(bad).splitlines()[0])
         return exc

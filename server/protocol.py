@@ -38,6 +38,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4008
     RATE_LIMITED = 4029
     CONNECTION_LIMIT = 4030
+    INTERNAL_ERROR = 1011  # a server bug on this connection (logged); reconnect and resume
 
 
 # Client messages ------------------------------------------------------------------------------

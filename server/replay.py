@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import orjson
 import polars as pl
 
@@ -41,9 +40,7 @@ from server.history import (
     HistoryQuery,
     HistoryReader,
     Source,
-    stored_files,
 )
-from server.history import _source as parquet_source
 from server.hub import MASKS, RedisUnavailable
 from tickpipe.fingerprint import Fingerprint, canonical_line
 
@@ -156,21 +153,6 @@ def fingerprint_range(root: Source | Path, q: HistoryQuery) -> dict[str, Any]:
     finally:
         reader.close()
     return fp.summary()
-
-
-def stored_symbols(root: Path, syms: list[str], start_ns: int, end_ns: int) -> set[str]:
-    """Which of ``syms`` have stored ticks in [start, end) (one query for all of them)."""
-    files = stored_files(root, start_ns, end_ns)
-    if not files:
-        return set()
-    src = parquet_source(files)
-    with duckdb.connect() as con:
-        rows = con.execute(
-            f"SELECT DISTINCT sym FROM {src} WHERE sym IN (SELECT unnest(?::VARCHAR[])) "
-            "AND epoch_ns(ts) >= ? AND epoch_ns(ts) < ?",
-            [syms, start_ns, end_ns],
-        ).fetchall()
-    return {r[0] for r in rows}
 
 
 @dataclass(slots=True)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from server import protocol
-from server.history import TICK_COLUMNS, stored_files
+from server.history import TICK_COLUMNS, parquet_source, stored_files
 from server.hub import MASKS
-from server.replay import SLICE_EVENTS, gap_event, parquet_source, row_event
+from server.replay import SLICE_EVENTS, gap_event, row_event
 
 if TYPE_CHECKING:
     from server.bus import Bus, Latest

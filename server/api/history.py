@@ -17,6 +17,7 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import polars as pl
@@ -41,6 +42,9 @@ from server.history import (
 )
 from server.replay import fingerprint_range
 from server.store import history_dir, stored_symbols
+
+if TYPE_CHECKING:
+    from server.api.app import AppState
 
 _Encoder = Callable[[pl.DataFrame | None, dict[str, object]], bytes]
 MAX_HISTORICAL_SYMBOLS = 1000
@@ -135,18 +139,22 @@ def _require_entitled(key: ApiKey, syms: list[str]) -> None:
         )
 
 
-async def _require_known(request: Request, syms: list[str]) -> None:
-    """404 for symbols that no feed ever published (Redis) and the store never held."""
-    tp = request.app.state.tp
-    stored = await asyncio.to_thread(stored_symbols, history_dir(tp.settings))
+async def unknown_symbols(st: AppState, syms: list[str]) -> list[str]:
+    """The symbols no feed ever published (Redis ``tp:symbols``) and the store never held
+    (``history/symbols.txt``): nothing about them can ever be answered."""
+    stored = await asyncio.to_thread(stored_symbols, history_dir(st.settings))
     maybe = [s for s in syms if s not in stored]
     if not maybe:
-        return
+        return []
     try:
-        live = await tp.bus.are_known(maybe)
+        live = await st.bus.are_known(maybe)
     except Exception:  # Redis down: only the store can tell
         live = [False] * len(maybe)
-    unknown = [s for s, ok in zip(maybe, live, strict=True) if not ok]
+    return [s for s, ok in zip(maybe, live, strict=True) if not ok]
+
+
+async def _require_known(request: Request, syms: list[str]) -> None:
+    unknown = await unknown_symbols(request.app.state.tp, syms)
     if unknown:
         raise ApiError(
             404,

@@ -236,7 +236,8 @@ class Session:
         status: str,
     ) -> None:
         """Add the op to the query history (its fields; the symbols it accepted as rows)."""
-        skip = {"op"} if op.channels else {"op", "channels"}  # as before channels existed
+        # Without channels the params keep the shape they had before channels existed.
+        skip = {"op"} if getattr(op, "channels", None) else {"op", "channels"}
         params = orjson.dumps(op.model_dump(exclude=skip, exclude_none=True)).decode()
         ms = (time.perf_counter() - t0) * 1000
         self.st.queries.record(self.key.name, f"ws:{op.op}", params, rows, None, ms, status, ts)
@@ -453,7 +454,21 @@ async def ws_endpoint(ws: WebSocket) -> None:
         asyncio.create_task(sub.closed.wait()),
     ]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            exc = t.exception()
+            if exc is not None and not isinstance(exc, WebSocketDisconnect):
+                # A bug, not the client's doing: say so in the log and to the client.
+                log.error("connection %s failed", conn_id, exc_info=exc)
+                sub.close(
+                    CloseCode.INTERNAL_ERROR,
+                    protocol.error(
+                        "internal_error",
+                        "the server failed on this connection (logged); reconnect, and resume "
+                        "with from_seq to miss nothing",
+                        fatal=True,
+                    ),
+                )
     finally:
         await session.close()  # first: a replay going live must not subscribe after detach
         st.hub.detach(sub)

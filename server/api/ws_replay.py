@@ -9,14 +9,12 @@ import collections
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
 from server import protocol
 from server.api.errors import ApiError
-from server.api.history import parse_time
+from server.api.history import parse_time, unknown_symbols
 from server.auth import ApiKey
 from server.hub import Subscriber
-from server.replay import Replay, ReplaySpec, parse_speed, stored_symbols
+from server.replay import Replay, ReplaySpec, parse_speed
 from server.store import history_dir
 
 if TYPE_CHECKING:
@@ -150,22 +148,13 @@ class ConnectionReplays:
         for sym in candidates[limit:]:
             rejected.append({"sym": sym, "code": "limit_exceeded"})
         candidates = candidates[:limit]
-        try:
-            known = await st.bus.are_known(candidates)
-        except (RedisError, OSError):
-            known = [False] * len(candidates)
-        # Not published live (imported history, or no feed now): known if stored in the range.
-        others = [s for s, live in zip(candidates, known, strict=True) if not live]
-        stored = set()
-        if others:
-            root, end = history_dir(st.settings), end_ns or protocol.now_ns()
-            stored = await asyncio.to_thread(stored_symbols, root, others, start_ns, end)
+        unknown = set(await unknown_symbols(st, candidates))
         accepted = []
-        for sym, live in zip(candidates, known, strict=True):
-            if live or sym in stored:
-                accepted.append(sym)
-            else:
+        for sym in candidates:
+            if sym in unknown:
                 rejected.append({"sym": sym, "code": "unknown_symbol"})
+            else:
+                accepted.append(sym)
         return accepted, rejected
 
     def _ended(self, replay: Replay) -> None:
