@@ -3,7 +3,7 @@
 One short-lived in-memory DuckDB connection per query reads the visible files of the date
 partitions the range touches (hidden ``.*.tmp`` files being written are never read). Raw ticks,
 enriched ticks (quote mid/spread, trade notional, prevailing quote by as-of join, aggressor) and
-bars are all computed in SQL; results leave as row chunks, never as one whole result in Python.
+bars are all computed in SQL; results leave as Arrow chunks handed to Polars, never as one whole result in Python.
 """
 
 from __future__ import annotations
@@ -290,28 +290,32 @@ class HistoryReader:
     def chunks(self, size: int = 50_000, ns_ints: bool = True) -> Iterator[pl.DataFrame]:
         """The result as Polars frames of at most ``size`` rows, in order.
 
-        ``ns_ints`` gives timestamps as integer ns; otherwise ``Datetime("ns", "UTC")``.
+        ``ns_ints`` gives timestamps as integer ns; otherwise ``Datetime("ns", "UTC")``. The
+        sorted result is kept in a temporary DuckDB table (DuckDB sorts all of it before the
+        first row anyway, and spills to disk past its memory limit); each chunk is a range of
+        its rows handed to Polars as Arrow, with no Python object per row or value.
         """
         if not self.files:
             return
         sql, params = build_sql(self.q, self.files)
-        cur = self._execute(
-            f"SELECT * REPLACE ({_ns(self._time_col)} AS {self._time_col}) FROM ({sql})", params
-        )
-        schema = {d[0]: _POLARS_TYPES.get(str(d[1]), pl.Utf8()) for d in cur.description}
-        while True:
+        col = self._time_col
+        self._execute(f"CREATE OR REPLACE TEMP TABLE result AS {sql}", params).fetchall()
+        cur = self.con.execute("SELECT * FROM result LIMIT 0")
+        described = cur.description or []
+        cur.fetchall()
+        schema = {d[0]: _POLARS_TYPES[str(d[1])] for d in described if str(d[1]) in _POLARS_TYPES}
+        ((total,),) = self.con.execute("SELECT count(*) FROM result").fetchall()
+        for lo in range(0, total, size):
             try:
-                rows = cur.fetchmany(size)
+                rel = self.con.sql(
+                    f"SELECT * FROM result WHERE rowid >= {lo} AND rowid < {lo + size}"
+                    " ORDER BY rowid"
+                )
+                frame = pl.DataFrame(rel)
             except duckdb.Error as exc:
                 raise self._corruption(exc) from exc
-            if not rows:
-                return
-            frame = pl.DataFrame(rows, schema=schema, orient="row")
-            if not ns_ints:
-                frame = frame.with_columns(
-                    pl.col(self._time_col).cast(pl.Int64).cast(pl.Datetime("ns", "UTC"))
-                )
-            yield frame
+            frame = frame.cast(schema)  # type: ignore[arg-type]
+            yield frame.with_columns(pl.col(col).cast(pl.Int64)) if ns_ints else frame
 
     def copy_parquet(self, dest: Path) -> None:
         """Write the whole result to ``dest`` as Parquet (timestamps ns UTC) with DuckDB COPY."""
