@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fanout import code_version, machine, stop_process  # noqa: E402
 from server.recorder import SCHEMA, write_file  # noqa: E402
-from tests.harness import free_port, wait_port  # noqa: E402
+from tests.harness import RedisProcess, free_port, wait_port  # noqa: E402
 
 PY = sys.executable
 N_SYMBOLS = 100
@@ -168,16 +168,15 @@ class Server:
     def __init__(self, data_dir: Path, workdir: Path) -> None:
         self.data_dir = data_dir
         self.workdir = workdir
-        self.redis_port = free_port()
+        self.redis = RedisProcess(workdir)
         self.port = free_port()
-        self.redis: subprocess.Popen[bytes] | None = None
         self.web: subprocess.Popen[bytes] | None = None
         self.key = ""
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
         env.update(
-            TICKPIPE_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+            TICKPIPE_REDIS_URL=self.redis.url,
             TICKPIPE_DATA_DIR=str(self.data_dir),
             TICKPIPE_HOST="127.0.0.1",
             TICKPIPE_PORT=str(self.port),
@@ -185,13 +184,7 @@ class Server:
         return env
 
     def start(self) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.redis = subprocess.Popen(
-            [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-        )  # fmt: skip
-        wait_port(self.redis_port, 10)
+        self.redis.start()
         made = subprocess.run(
             [PY, "-m", "server.cli", "keys", "create", "--name", f"bench-{os.getpid()}",
              "--scopes", "historical"],
@@ -217,7 +210,7 @@ class Server:
 
     def stop(self) -> None:
         stop_process(self.web)
-        stop_process(self.redis)
+        self.redis.stop()
         # The key made for this run lives in the data dir's key store: revoke nothing, the
         # data dir is the benchmark's own.
 

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import code_version, machine, stop_process  # noqa: E402
-from tests.harness import free_port, wait_port  # noqa: E402
+from tests.harness import RedisProcess  # noqa: E402
 
 PY = sys.executable
 LOG_KEY = "tp:log"  # server.bus.LOG_KEY, spelled out so the publisher starts fast
@@ -152,21 +152,14 @@ class Rig:
     def __init__(self, workdir: Path, profile: Path | None = None) -> None:
         self.workdir = workdir
         self.profile = profile
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.redis_proc: subprocess.Popen[bytes] | None = None
+        self.redis_proc = RedisProcess(workdir)
+        self.url = self.redis_proc.url
         self.recorder: subprocess.Popen[bytes] | None = None
         self.r: redis.Redis | None = None
         self.data_dir = workdir / "data"
 
     def start_redis(self) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.redis_proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-        )  # fmt: skip
-        wait_port(self.port, 10)
+        self.redis_proc.start()
         self.r = redis.Redis.from_url(self.url)
 
     def reset(self, name: str) -> None:
@@ -182,8 +175,8 @@ class Rig:
         cmd = [PY, "-m", "server.cli", "recorder"]
         if self.profile is not None:  # py-spy's collapsed stacks, one file per recorder run
             out = self.profile / f"recorder-{self.data_dir.name}.txt"
-            cmd = [str(Path(PY).parent / "py-spy"), "record", "--format", "raw", "-r", "200",
-                   "-o", str(out), "--", *cmd]  # fmt: skip
+            cmd = [str(Path(PY).parent / "py-spy"), "record", "--format", "raw", "--idle",
+                   "-r", "200", "-o", str(out), "--", *cmd]  # fmt: skip
         self.recorder = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log)
         log.close()
 
@@ -248,7 +241,7 @@ class Rig:
         self.stop_recorder()
         if self.r is not None:
             self.r.close()
-        stop_process(self.redis_proc)
+        self.redis_proc.stop()
 
 
 # -- the two parts -------------------------------------------------------------------------------
