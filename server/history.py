@@ -3,7 +3,8 @@
 One short-lived in-memory DuckDB connection per query reads the visible files of the date
 partitions the range touches (hidden ``.*.tmp`` files being written are never read). Raw ticks,
 enriched ticks (quote mid/spread, trade notional, prevailing quote by as-of join, aggressor) and
-bars are all computed in SQL; results leave as Arrow chunks handed to Polars, never as one whole result in Python.
+bars are all computed in SQL; results leave as Arrow chunks handed to Polars, never as one whole
+result in Python.
 """
 
 from __future__ import annotations
