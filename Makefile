@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND := noninteractive
 
 WEB_STAMP := web/node_modules/.installed-stamp
 
-.PHONY: setup system-deps run test lint format bench clean
+.PHONY: setup system-deps run test lint format bench bench-history bench-recorder clean
 
 setup: system-deps $(STAMP) $(WEB_STAMP)
 
@@ -53,7 +53,23 @@ format: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 bench: setup
-	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/fanout.py $(ARGS)
+
+# ArcticDB (with pandas and numpy) is for the history benchmark only: it lives in its own venv
+# so the project's venv, and `make test`, never have it.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed-stamp:
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q arcticdb duckdb
+	@touch $@
+
+# e.g. make bench-history ARGS=--quick
+bench-history: setup $(BENCH_VENV)/.installed-stamp
+	$(BIN)/python bench/history.py $(ARGS)
+
+bench-recorder: setup
+	$(BIN)/python bench/recorder.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     )
 
     # History queries
+    history_query_memory_mb: int = Field(
+        1024,
+        ge=64,
+        description="DuckDB memory per history query; bigger sorts spill to <data_dir>/tmp",
+    )
     history_tail_max_batches: int = Field(
         20_000,
         ge=1,

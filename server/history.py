@@ -6,7 +6,8 @@ partitions the range touches, as one snapshot of the store (``server.store.scan`
 log entries above the snapshot's high-water mark that the recorder has not stored yet (a
 ``Source``), so a range up to now has no hole and no tick twice. Raw ticks,
 enriched ticks (quote mid/spread, trade notional, prevailing quote by as-of join, aggressor) and
-bars are all computed in SQL; results leave as row chunks, never as one whole result in Python.
+bars are all computed in SQL; results leave as Arrow chunks handed to Polars, never as one whole
+result in Python.
 """
 
 from __future__ import annotations
@@ -110,10 +111,13 @@ class Source:
 
     snapshot: Snapshot
     tail: pl.DataFrame | None = None
+    # DuckDB's working memory per query; past it sorts spill to ``<data_dir>/tmp``.
+    memory_mb: int = 1024
+    spill_dir: Path | None = None
 
     @classmethod
-    def of(cls, root: Path) -> Source:
-        return cls(scan(root))
+    def of(cls, root: Path, memory_mb: int = 1024) -> Source:
+        return cls(scan(root), memory_mb=memory_mb, spill_dir=root.parent / "tmp")
 
     def needs_tail(self, end_ns: int) -> bool:
         ms = self.snapshot.high_water[0]
@@ -277,7 +281,11 @@ class HistoryReader:
                 self._tail_file = Path(name)
                 rows.write_parquet(self._tail_file, statistics=True)
                 self.files.append(self._tail_file)
-        self.con = duckdb.connect()
+        config = {"memory_limit": f"{source.memory_mb}MB"}
+        if source.spill_dir is not None:
+            source.spill_dir.mkdir(parents=True, exist_ok=True)
+            config["temp_directory"] = str(source.spill_dir)
+        self.con = duckdb.connect(config=config)
         self.con.execute("SET TimeZone = 'UTC'")
 
     def close(self) -> None:
@@ -349,27 +357,33 @@ class HistoryReader:
         """The result as Polars frames of at most ``size`` rows, in order.
 
         ``ns_ints`` gives timestamps as integer ns; otherwise ``Datetime("ns", "UTC")``.
-        ``project`` keeps only the query's ``fields``.
+        ``project`` keeps only the query's ``fields``. The sorted result is kept in a temporary
+        DuckDB table (DuckDB sorts all of it before the first row anyway, and spills to disk
+        past the connection's memory limit); each chunk is a range of its rows handed to
+        Polars as Arrow, with no Python object per row or value.
         """
         if not self.files:
             return
         sql, params = build_sql(self.q, self.files)
-        cur = self._execute(
-            f"SELECT * REPLACE ({_ns(self._time_col)} AS {self._time_col}) FROM ({sql})", params
-        )
-        schema = {d[0]: _POLARS_TYPES.get(str(d[1]), pl.Utf8()) for d in cur.description}
-        while True:
+        col = self._time_col
+        self._execute(f"CREATE OR REPLACE TEMP TABLE result AS {sql}", params).fetchall()
+        cur = self.con.execute("SELECT * FROM result LIMIT 0")
+        described = cur.description or []
+        cur.fetchall()
+        schema = {d[0]: _POLARS_TYPES[str(d[1])] for d in described if str(d[1]) in _POLARS_TYPES}
+        ((total,),) = self.con.execute("SELECT count(*) FROM result").fetchall()
+        for lo in range(0, total, size):
             try:
-                rows = cur.fetchmany(size)
+                rel = self.con.sql(
+                    f"SELECT * FROM result WHERE rowid >= {lo} AND rowid < {lo + size}"
+                    " ORDER BY rowid"
+                )
+                frame = pl.DataFrame(rel)
             except duckdb.Error as exc:
                 raise self._corruption(exc) from exc
-            if not rows:
-                return
-            frame = pl.DataFrame(rows, schema=schema, orient="row")
-            if not ns_ints:
-                frame = frame.with_columns(
-                    pl.col(self._time_col).cast(pl.Int64).cast(pl.Datetime("ns", "UTC"))
-                )
+            frame = frame.cast(schema)  # type: ignore[arg-type]
+            if ns_ints:
+                frame = frame.with_columns(pl.col(col).cast(pl.Int64))
             if project and self.q.fields is not None:
                 frame = frame.select(self.q.fields)
             yield frame

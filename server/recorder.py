@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import logging
 import os
 import shutil
 import signal
 import time
 
-import orjson
 import polars as pl
 from redis import exceptions as rx
 from redis.asyncio import Redis
@@ -50,21 +50,72 @@ WRITE_FAILED = (OSError, pl.exceptions.PolarsError)
 DISK_FULL_BYTES = 16 * 1024 * 1024
 
 
+# Event fields as the publish script writes them (``ts`` in integer ns); others are ignored.
+_EVENT_SCHEMA: dict[str, pl.DataType] = {
+    **{k: v for k, v in SCHEMA.items() if k != "epoch"},
+    "ts": pl.Int64(),
+}
+# Put before each entry's events, so every event row knows its entry (no event's type is "#").
+_ENTRY_MARK = b'{"type":"#","seq":%d}'
+# Where one event of ``d`` ends and the next begins: a '"' inside a JSON string is always
+# escaped, so this can only be the publish script's own join.
+_EVENT_JOIN = b'},{"type":"'
+
+
+def _parse_events(parts: list[tuple[int, bytes]]) -> pl.DataFrame:
+    """Events of (entry index, ``d``) pairs in order, with the entry index as ``seq`` of a
+    ``"#"`` row before each entry's events; parsed in Rust, one line per event."""
+    lines = b"\n".join(
+        _ENTRY_MARK % idx + b"\n" + d.replace(_EVENT_JOIN, b'}\n{"type":"') for idx, d in parts
+    )
+    try:
+        return pl.read_ndjson(io.BytesIO(lines), schema=_EVENT_SCHEMA)
+    except pl.exceptions.PolarsError:  # not split as expected: parse the entries as arrays
+        whole = b",".join(_ENTRY_MARK % idx + b"," + d for idx, d in parts)
+        return pl.read_json(io.BytesIO(b"[" + whole + b"]"), schema=_EVENT_SCHEMA)
+
+
 def entries_to_frame(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> pl.DataFrame:
-    """Tick rows of these log entries (status events are not ticks and are left out)."""
-    rows: list[dict[str, object]] = []
+    """Tick rows of these log entries (status events are not ticks and are left out).
+
+    Events are parsed by Polars (no Python object per tick); each event's ``epoch`` is its
+    symbol's in the ``e`` field of its own entry."""
+    parts: list[tuple[int, bytes]] = []
+    e_entry: list[int] = []
+    e_sym: list[str] = []
+    e_epoch: list[int] = []
     for entry_id, fields in entries:
         if not fields:  # trimmed from the log before it was stored: a gap the index will show
             log.error("log entry %s was trimmed before it was stored", entry_id)
             continue
         epochs = dict(p.split("=", 1) for p in fields[b"e"].decode().split(",") if p)
-        for ev in orjson.loads(b"[" + fields[b"d"] + b"]"):
-            if ev.get("type") in ("trade", "quote"):
-                ev["epoch"] = int(epochs[ev["sym"]])
-                rows.append(ev)
-    if not rows:
+        if not fields[b"d"]:
+            continue
+        idx = len(parts)
+        parts.append((idx, fields[b"d"]))
+        for sym, epoch in epochs.items():
+            e_entry.append(idx)
+            e_sym.append(sym)
+            e_epoch.append(int(epoch))
+    if not parts:
         return pl.DataFrame(schema=SCHEMA)
-    frame = pl.from_dicts(rows, schema={**SCHEMA, "ts": pl.Int64()})
+    ticks = (
+        _parse_events(parts)
+        .with_columns(
+            pl.when(pl.col("type") == "#").then(pl.col("seq")).forward_fill().alias("_entry")
+        )
+        .filter(pl.col("type").is_in(["trade", "quote"]))
+    )
+    if not ticks.height:
+        return pl.DataFrame(schema=SCHEMA)
+    epochs_frame = pl.DataFrame(
+        {"_entry": e_entry, "sym": e_sym, "epoch": e_epoch},
+        schema={"_entry": pl.Int64(), "sym": pl.Utf8(), "epoch": pl.Int64()},
+    )
+    frame = ticks.join(epochs_frame, on=["_entry", "sym"], how="left", maintain_order="left")
+    missing = frame.filter(pl.col("epoch").is_null())
+    if missing.height:  # an event of a symbol its entry gives no epoch for
+        raise KeyError(missing["sym"][0])
     return frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC"))).select(list(SCHEMA))
 
 

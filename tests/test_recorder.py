@@ -220,3 +220,26 @@ def test_a_full_disk_stops_acknowledging_and_loses_nothing(tmp_path) -> None:
     finally:
         s.stop()
         subprocess.run(["umount", "-l", str(history)], check=False)
+
+
+def test_log_entries_parse_whatever_the_spacing_and_string_contents() -> None:
+    from server.recorder import entries_to_frame
+
+    trade = b'{"type":"trade","sym":"A","seq":1,"ts":10,"price":1.0,"size":2.0}'
+    # A venue that looks like the publish script's join between two events.
+    quote = (
+        b'{"type":"quote","sym":"B","seq":1,"ts":11,"bid":1.0,"ask":2.0,'
+        b'"venue":"x},{\\"type\\":\\""}'
+    )
+    status = b'{"type":"status","code":"epoch_changed","sym":"A","epoch":5,"message":"m"}'
+    entries = [
+        (b"1-0", {b"e": b"A=5,B=6", b"d": trade + b"," + quote}),
+        (b"2-0", {}),  # trimmed before it was stored: left out
+        (b"3-0", {b"e": b"A=7,B=6", b"d": status + b", " + trade.replace(b"1,", b"2,", 1)}),
+    ]
+    frame = entries_to_frame(entries)
+    assert frame.select("sym", "type", "epoch", "seq", "venue").rows() == [
+        ("A", "trade", 5, 1, None),
+        ("B", "quote", 6, 1, 'x},{"type":"'),
+        ("A", "trade", 7, 2, None),
+    ]

@@ -283,7 +283,9 @@ async def read_source(request: Request, end_ns: int) -> tuple[Source, str]:
     """A snapshot of the store plus, when the range reaches past it, the log entries the recorder
     has not stored yet; and what to say about them in ``X-Tickpipe-Unrecorded``."""
     tp = request.app.state.tp
-    source = await asyncio.to_thread(Source.of, history_dir(tp.settings))
+    source = await asyncio.to_thread(
+        Source.of, history_dir(tp.settings), tp.settings.history_query_memory_mb
+    )
     if not source.needs_tail(end_ns):
         return source, "0"
     cap = tp.settings.history_tail_max_batches
@@ -350,27 +352,60 @@ async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
         await asyncio.to_thread(path.unlink, True)
 
 
+def _encode_next(
+    chunks: Iterator[pl.DataFrame], encode: _Encoder, state: dict[str, object]
+) -> bytes | None:
+    frame = next(chunks, None)
+    return None if frame is None else encode(frame, state)
+
+
 async def _stream(
     first: pl.DataFrame | None,
     chunks: Iterator[pl.DataFrame],
     encode: _Encoder,
     reader: HistoryReader,
 ) -> AsyncIterator[bytes]:
+    """Encoded chunks; the next one is read and encoded in a worker thread while this one is
+    being sent."""
     state: dict[str, object] = {}
+    ahead: asyncio.Future[bytes | None] | None = None
     try:
-        frame = first
-        while frame is not None:
-            yield encode(frame, state)
-            frame = await asyncio.to_thread(next, chunks, None)
+        if first is not None:
+            body: bytes | None = await asyncio.to_thread(encode, first, state)
+            while body is not None:
+                ahead = asyncio.ensure_future(
+                    asyncio.to_thread(_encode_next, chunks, encode, state)
+                )
+                yield body
+                body = await asyncio.shield(ahead)  # a cancelled request lets it finish
+                ahead = None
         yield encode(None, state)
     finally:
-        with contextlib.suppress(Exception):
-            chunks.close()  # type: ignore[attr-defined]
-        reader.close()
+        if ahead is not None and not ahead.done():
+            # Cancelled while a worker still reads: close when it is done, not under it.
+            ahead.add_done_callback(lambda done: _close(chunks, reader, done))
+        else:
+            _close(chunks, reader, ahead)
+
+
+def _close(
+    chunks: Iterator[pl.DataFrame],
+    reader: HistoryReader,
+    done: asyncio.Future[bytes | None] | None = None,
+) -> None:
+    if done is not None and not done.cancelled():
+        done.exception()  # retrieved: a request that went away needs no error
+    with contextlib.suppress(Exception):
+        chunks.close()  # type: ignore[attr-defined]
+    reader.close()
 
 
 def _ndjson(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
-    return b"" if frame is None else frame.write_ndjson().encode()
+    if frame is None:
+        return b""
+    buf = io.BytesIO()
+    frame.write_ndjson(buf)
+    return buf.getvalue()
 
 
 def _csv(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
