@@ -54,7 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import code_version, machine, stop_process  # noqa: E402
-from server.recorder import SCHEMA, write_file  # noqa: E402
+from server.compactor import Compactor  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.store import SCHEMA, scan, write_file  # noqa: E402
 from tests.harness import RedisProcess, free_port, wait_port  # noqa: E402
 
 PY = sys.executable
@@ -126,10 +128,14 @@ def day_frame(day: int, per_sym: int) -> pl.DataFrame:
     return frame.select([pl.col(c).cast(t) for c, t in SCHEMA.items()])
 
 
-def ensure_data(total: int, files_per_day: int) -> Path:
-    """The data dir for this size (generated on first use); returns the TICKPIPE_DATA_DIR."""
+def ensure_data(total: int, files_per_day: int, compacted: bool) -> Path:
+    """The data dir for this size (generated on first use); returns the TICKPIPE_DATA_DIR.
+
+    ``compacted``: the store as the recorder leaves it once the days are over, its per-flush
+    files merged by the product's own compactor (default settings)."""
     per_sym = total // (N_SYMBOLS * DAYS)
-    data_dir = DATA_ROOT / f"history-{total}-{files_per_day}f"
+    suffix = "-compacted" if compacted else ""
+    data_dir = DATA_ROOT / f"history-{total}-{files_per_day}f{suffix}"
     done = data_dir / ".complete"
     if done.exists():
         return data_dir
@@ -150,13 +156,20 @@ def ensure_data(total: int, files_per_day: int) -> Path:
             write_file(root, part.drop("slot"), f"{ms}-0", f"{ms + 999}-{part.height}")
             file_no += 1
         print(f"  day {day + 1}/{DAYS}: {frame.height:,} ticks", flush=True)
+    if compacted:
+        compactor = Compactor(root, Settings())
+        made = compactor.run_once()
+        later = time.time_ns() + int(Settings().compact_grace_s * 1e9) + 10**9
+        compactor.run_once(now_ns=later)  # the grace period is over: merged-away files go
+        print(f"  compacted {compactor.files_merged} files into {len(made)}", flush=True)
     done.write_text(f"{total} ticks, {file_no} files, {time.perf_counter() - t0:.1f} s\n")
     print(f"generated {total:,} ticks in {file_no} files in {time.perf_counter() - t0:.1f} s")
     return data_dir
 
 
 def parquet_files(data_dir: Path) -> list[str]:
-    return sorted(str(p) for p in (data_dir / "history").glob("date=*/*.parquet"))
+    """The files a history query reads (the store's own view)."""
+    return sorted(str(f.path) for f in scan(data_dir / "history").files)
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -338,6 +351,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 M ticks, one round")
     p.add_argument("--ticks", type=int, default=None, help="total ticks (default 10 M)")
     p.add_argument("--files-per-day", type=int, default=24)
+    p.add_argument(
+        "--uncompacted",
+        action="store_true",
+        help="read the per-flush files as written, before the compactor merged them",
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds of the full-range reads")
     p.add_argument("--symbol-repeats", type=int, default=5, help="reads of the one symbol")
     p.add_argument("--no-arctic", action="store_true")
@@ -351,7 +369,7 @@ def main() -> int:
     version = code_version()
     print(f"machine: {machine()}\ncommand: {command}\ntickpipe: {version}", flush=True)
 
-    data_dir = ensure_data(total, args.files_per_day)
+    data_dir = ensure_data(total, args.files_per_day, compacted=not args.uncompacted)
     files = parquet_files(data_dir)
     disk_mb = sum(Path(f).stat().st_size for f in files) / 2**20
     print(f"data: {data_dir.relative_to(ROOT)} ({len(files)} files, {disk_mb:.0f} MB)")
@@ -433,8 +451,15 @@ def main() -> int:
         f"- tickpipe version: {version}",
         f"- Data: {total:,} ticks, {N_SYMBOLS} symbols, {DAYS} days "
         f"({DAY0.date()} .. {(DAY0 + dt.timedelta(days=DAYS - 1)).date()}), 1 trade : 3 quotes, "
-        f"{len(files)} Parquet files ({args.files_per_day} per day, {disk_mb:.0f} MB) written by "
-        "`server.recorder.write_file` (zstd, 128k-row groups, sorted by sym, ts, seq).",
+        f"{len(files)} Parquet files ({disk_mb:.0f} MB): {args.files_per_day} per day written by "
+        "`server.store.write_file` (zstd, 128k-row groups, sorted by sym, ts, seq)"
+        + (
+            ", as written"
+            if args.uncompacted
+            else ", then merged by `server.compactor` "
+            "(default settings) as the recorder does once a day is over"
+        )
+        + ".",
         "- Everything on this machine over 127.0.0.1: redis-server, `tickpipe web` (uvicorn, one "
         "process), and this client process (httpx). Full-range reads: "
         f"{rounds} round(s), best shown; one-symbol reads: {args.symbol_repeats}, median shown.",

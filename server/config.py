@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     history_query_memory_mb: int = Field(
         1024,
         ge=64,
-        description="DuckDB memory per history query; bigger sorts spill to <data_dir>/tmp",
+        description="DuckDB memory for a web process's history queries together; bigger sorts "
+        "spill to <data_dir>/tmp",
     )
     history_tail_max_batches: int = Field(
         20_000,
