@@ -285,6 +285,13 @@ def _database(memory_mb: int, spill_dir: Path | None) -> duckdb.DuckDBPyConnecti
         return con
 
 
+def query_cursor(root: Path, memory_mb: int = 1024) -> duckdb.DuckDBPyConnection:
+    """A cursor on the process's shared history database (see ``_database``), in UTC."""
+    con = _database(memory_mb, root.parent / "tmp").cursor()
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
 class HistoryReader:
     """Runs one query on its own in-memory DuckDB connection; close it when done."""
 
@@ -309,6 +316,7 @@ class HistoryReader:
         self.con.execute("SET TimeZone = 'UTC'")
 
     def close(self) -> None:
+        """Free the query (safe to call more than once)."""
         self.con.close()
         if self._tail_file is not None:
             self._tail_file.unlink(missing_ok=True)

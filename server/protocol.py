@@ -44,6 +44,8 @@ class CloseCode(IntEnum):
 # Client messages ------------------------------------------------------------------------------
 
 RequestId = Annotated[str, Field(max_length=128)] | int | None
+# Integers that reach Redis or DuckDB must fit in 64 bits.
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
 class _Op(BaseModel):
@@ -81,9 +83,11 @@ class Subscribe(_SymbolsOrChannels):
     # (0 turns sampling off; absent leaves it as it is).
     throttle_ms: Annotated[StrictInt, Field(ge=0, le=MAX_THROTTLE_MS)] | None = None
     # Resume after a disconnect: send every event after these seqs, then continue live.
-    from_seq: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] | None = None
+    from_seq: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0, lt=2**63)]] | None
+    ) = None
     # The epoch the client last saw: one for all symbols of from_seq, or one per symbol.
-    epoch: int | dict[Annotated[str, Field(max_length=64)], int] | None = None
+    epoch: Int64 | dict[Annotated[str, Field(max_length=64)], Int64] | None = None
 
     @model_validator(mode="after")
     def _throttle_floor(self) -> Subscribe:
@@ -119,7 +123,7 @@ class Replay(_Op):
     enriched: StrictBool = False
     then_live: StrictBool = False
     # Continue a replay that was cut off: only events strictly after this (ts, seq, sym).
-    after: tuple[int, int, Annotated[str, Field(max_length=64)]] | None = None
+    after: tuple[Int64, Int64, Annotated[str, Field(max_length=64)]] | None = None
 
 
 class ReplayControl(_Op):

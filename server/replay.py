@@ -399,10 +399,11 @@ class Replay:
         spec = self.spec
         FIGURES.active += 1
         end_ns = spec.end_ns if spec.end_ns is not None else time.time_ns()
-        src = StoredEvents(self.root, spec, end_ns, self.window_rows)
+        src: StoredEvents | None = None
         pending: asyncio.Future[Batch | None] | None = None
         done = False
         try:
+            src = await asyncio.to_thread(StoredEvents, self.root, spec, end_ns, self.window_rows)
             pending = asyncio.ensure_future(asyncio.to_thread(src.next_batch))
             while True:
                 batch = await pending
@@ -439,7 +440,8 @@ class Replay:
             self.on_end(self)  # before any await: a control that follows finds it finished
             if pending is not None:
                 pending.cancel()
-            await asyncio.shield(asyncio.to_thread(src.close))
+            if src is not None:
+                await asyncio.shield(asyncio.to_thread(src.close))
 
     def _done(self) -> dict[str, Any]:
         self.state = "done"
@@ -529,57 +531,63 @@ class Replay:
                 )
             )
             return
-        tail: list[tuple[int, int, str, str]] = []
-        upto: dict[str, int] = {}
-        extra: list[str] = []
-        for sym in spec.syms:
-            state = latest[sym]
-            prev = stored_last.get(sym)
-            after = prev[1] if prev is not None and prev[0] == state.epoch else 0
-            if prev is not None and prev[0] != state.epoch:
-                extra.append(
-                    protocol.event_json(
-                        protocol.status(
-                            "epoch_changed",
-                            "the live sequence is in a new epoch; seq restarts",
-                            sym=sym,
-                            epoch=state.epoch,
+        try:
+            tail: list[tuple[int, int, str, str]] = []
+            upto: dict[str, int] = {}
+            extra: list[str] = []
+            for sym in spec.syms:
+                state = latest[sym]
+                prev = stored_last.get(sym)
+                after = prev[1] if prev is not None and prev[0] == state.epoch else 0
+                if prev is not None and prev[0] != state.epoch:
+                    extra.append(
+                        protocol.event_json(
+                            protocol.status(
+                                "epoch_changed",
+                                "the live sequence is in a new epoch; seq restarts",
+                                sym=sym,
+                                epoch=state.epoch,
+                            )
                         )
                     )
-                )
-            events = await recent_events(self.bus, sym, after)
-            upto[sym] = after
-            first = True
-            for ev in events:
-                seq = protocol.event_seq(ev) or 0
-                if first and after and seq > after + 1:
-                    extra.append(gap_event(spec.rid, sym, state.epoch, after + 1, seq - 1))
-                first = False
-                upto[sym] = seq
-                parsed = orjson.loads(ev)
-                if parsed["ts"] < spec.start_ns or parsed["type"] not in spec.types:
-                    continue
-                close = f',"epoch":{state.epoch},"replay":{orjson.dumps(spec.rid).decode()}}}'
-                tail.append((parsed["ts"], seq, sym, ev[:-1] + close))
-        tail.sort(key=lambda t: t[:3])
-        if extra:
-            sub.send_raw(",".join(extra))
-        for k in range(0, len(tail), SLICE_EVENTS):
-            part = tail[k : k + SLICE_EVENTS]
-            await sub.wait_room(self.room)
-            if sub.close_code is not None:
-                return
-            sub.send_raw(",".join(t[3] for t in part))
-            for t in part:
-                self.fp.add_event(orjson.loads(t[3]))
-        sub.send(self._done())
-        sub.send(
-            {
-                "type": "caught_up",
-                "id": spec.rid,
-                "symbols": spec.syms,
-                "seq": {s: {"epoch": latest[s].epoch, "seq": upto[s]} for s in spec.syms},
-            }
-        )
+                events = await recent_events(self.bus, sym, after)
+                upto[sym] = after
+                first = True
+                for ev in events:
+                    seq = protocol.event_seq(ev) or 0
+                    if first and after and seq > after + 1:
+                        extra.append(gap_event(spec.rid, sym, state.epoch, after + 1, seq - 1))
+                    first = False
+                    upto[sym] = seq
+                    parsed = orjson.loads(ev)
+                    if parsed["ts"] < spec.start_ns or parsed["type"] not in spec.types:
+                        continue
+                    close = f',"epoch":{state.epoch},"replay":{orjson.dumps(spec.rid).decode()}}}'
+                    tail.append((parsed["ts"], seq, sym, ev[:-1] + close))
+            tail.sort(key=lambda t: t[:3])
+            if extra:
+                sub.send_raw(",".join(extra))
+            for k in range(0, len(tail), SLICE_EVENTS):
+                part = tail[k : k + SLICE_EVENTS]
+                await sub.wait_room(self.room)
+                if sub.close_code is not None:
+                    return
+                sub.send_raw(",".join(t[3] for t in part))
+                for t in part:
+                    self.fp.add_event(orjson.loads(t[3]))
+            sub.send(self._done())
+            sub.send(
+                {
+                    "type": "caught_up",
+                    "id": spec.rid,
+                    "symbols": spec.syms,
+                    "seq": {s: {"epoch": latest[s].epoch, "seq": upto[s]} for s in spec.syms},
+                }
+            )
+        except BaseException:
+            # Never leave the new symbols held (their live events would pile up unsent).
+            sub.unhold(new)
+            self.hub.unsubscribe(sub, new)
+            raise
         for sym in new:
             sub.release(sym, upto[sym], sub.symbols.get(sym, type_mask(spec.types)))

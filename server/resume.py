@@ -11,6 +11,7 @@ saying how far back data is available, and the subscription continues live.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from server import protocol
-from server.history import TICK_COLUMNS, parquet_source, stored_files
+from server.history import TICK_COLUMNS, parquet_source, query_cursor, stored_files
 from server.hub import MASKS
 from server.replay import SLICE_EVENTS, gap_event, row_event
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from server.hub import Subscriber
 
 CHUNK_ROWS = 20_000
+
+log = logging.getLogger("tickpipe.resume")
 
 
 async def recent_events(bus: Bus, sym: str, after_seq: int) -> list[str]:
@@ -55,7 +58,7 @@ class StoredSeqs:
     def __init__(self, root: Path, sym: str, epoch: int, after: int, before: int) -> None:
         far = time.time_ns() + 2 * 86_400 * 10**9
         self.files = stored_files(root, 0, far)
-        self.con = duckdb.connect()
+        self.con = query_cursor(root)
         self.params = [sym, epoch, after, before]
         self._lock = threading.Lock()
         self._cur: duckdb.DuckDBPyConnection | None = None
@@ -117,6 +120,19 @@ class Resume:
         upto = self.state.seq
         try:
             upto = await self._backlog()
+        except Exception as exc:  # never a silent loss: say it, then go on live
+            log.error("resume of %s after seq %d failed", self.sym, self.from_seq, exc_info=exc)
+            unavailable(
+                self.sub,
+                self.req_id,
+                self.sym,
+                "internal",
+                f"the server failed reading the events of {self.sym} after seq {self.from_seq} "
+                f"({type(exc).__name__}); the subscription continues live from seq "
+                f"{self.state.seq + 1}: resume again to retry",
+                epoch=self.state.epoch,
+                seq=self.state.seq,
+            )
         finally:
             # Whatever happened, the subscription continues live from where the backlog ended.
             if self.sub.close_code is None:
@@ -166,7 +182,9 @@ class Resume:
         first_recent = (protocol.event_seq(recent[0]) or 0) if recent else state.seq + 1
         count, last, source = 0, from_seq, "redis"
         if first_recent > from_seq + 1:
-            src = StoredSeqs(root, sym, state.epoch, from_seq, first_recent)
+            src = await asyncio.to_thread(
+                StoredSeqs, root, sym, state.epoch, from_seq, first_recent
+            )
             try:
                 rows = await asyncio.to_thread(src.next_chunk)
                 if not rows or rows[0][4] != from_seq + 1:
@@ -242,7 +260,7 @@ async def _queue(sub: Subscriber, texts: list[str], room: int) -> int:
 async def _earliest(bus: Bus, root: Path, sym: str, epoch: int) -> int | None:
     oldest = await bus.history(sym, 0, count=1)
     first_recent = protocol.event_seq(oldest[0].decode()) if oldest else None
-    src = StoredSeqs(root, sym, epoch, 0, 0)
+    src = await asyncio.to_thread(StoredSeqs, root, sym, epoch, 0, 0)
     try:
         stored = await asyncio.to_thread(src.earliest)
     finally:

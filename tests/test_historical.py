@@ -251,6 +251,7 @@ def test_auth_errors(recorded: Stack) -> None:
         ({"start": "yesterday", "end": 10}, "not a time"),
         ({"end": 10}, "start is required"),
         ({"start": 1, "end": 10**30}, "out of range"),
+        ({"start": "0001-01-01T00:00:00Z", "end": 10}, "out of range"),
         ({"start": 1, "end": 10, "format": "xml"}, "json, ndjson, csv, parquet, arrow"),
         ({"start": 1, "end": 10, "interval": "7m"}, "1s, 1m, 5m, 1h, 1d"),
         ({"start": 1, "end": 10, "types": "trade,bbo"}, "trade,quote"),

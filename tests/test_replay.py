@@ -264,6 +264,7 @@ async def test_a_recorded_gap_is_announced_in_band(hist: Stack) -> None:
         ({"speed": -10}, "bad_request", "speed"),
         ({"speed": "fast"}, "bad_request", '"max"'),
         ({"start": "yesterday"}, "bad_request", "ISO-8601"),
+        ({"start": "0001-01-01T00:00:00Z"}, "bad_request", "out of range"),
         ({"end": None}, "bad_request", "end is required"),
         ({"then_live": True}, "bad_request", "leave out end"),
         ({"symbols": ["ZZZ"]}, "no_symbols", "none of the symbols"),
@@ -282,6 +283,25 @@ async def test_bad_replay_requests_get_a_clear_error_and_the_socket_keeps_workin
     if code == "no_symbols":
         expected = "unknown_symbol" if fields["symbols"] == ["ZZZ"] else "not_entitled"
         assert err["rejected"] == [{"sym": fields["symbols"][0], "code": expected}]
+    await send(ws, op="ping", id="still")
+    assert (await next_event(ws, "pong"))["id"] == "still"
+    await ws.close()
+
+
+async def test_numbers_too_big_for_64_bits_are_refused_and_the_socket_keeps_working(
+    hist: Stack,
+) -> None:
+    ws, _ = await hist.client(hist.key(f"big{time.monotonic_ns()}", ["replay", "realtime"]))
+    huge = 10**50
+    await ws.send(
+        f'{{"op":"replay","id":"a","symbols":["AAA"],"start":{T0},"end":{END},'
+        f'"after":[0,{huge},"AAA"]}}'
+    )
+    err = await next_event(ws, "error", id="a")
+    assert err["code"] == "bad_request" and "after" in err["message"] and not err["fatal"]
+    await ws.send(f'{{"op":"subscribe","id":"b","symbols":["AAA"],"from_seq":{{"AAA":{huge}}}}}')
+    err = await next_event(ws, "error", id="b")
+    assert err["code"] == "bad_request" and "from_seq" in err["message"]
     await send(ws, op="ping", id="still")
     assert (await next_event(ws, "pong"))["id"] == "still"
     await ws.close()

@@ -247,6 +247,13 @@ class Client:
                                 )
                         elif kind == "error":
                             raise _error(ev)
+                        elif kind == "gap":  # recovered history has a hole: no retry fills it
+                            raise ResumeUnavailable(
+                                "gap",
+                                f"{ev.get('sym')}: seq {ev.get('from_seq')} to {ev.get('to_seq')} "
+                                "were never recorded, so the sequence cannot be made whole",
+                                ev,
+                            )
                         elif kind == "status" and ev["code"] in ("gap", "epoch_changed"):
                             if ev["code"] == "epoch_changed":
                                 raise TickpipeError("epoch_changed", ev["message"], ev)

@@ -17,7 +17,7 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import polars as pl
@@ -77,7 +77,7 @@ def parse_time(name: str, raw: str | None) -> int:
     raw = raw.strip()
     if raw.lstrip("-").isdigit():
         ns = int(raw)
-        if abs(ns) >= 2**63:
+        if abs(ns) >= 2**63 - 86_400 * 10**9:
             raise ApiError(422, "bad_parameter", f"{name} is out of range for nanoseconds")
         return ns
     try:
@@ -95,7 +95,12 @@ def parse_time(name: str, raw: str | None) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+    ns = (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+    if abs(ns) >= 2**63 - 86_400 * 10**9:
+        raise ApiError(
+            422, "bad_parameter", f"{name}={raw[:64]!r} is out of range (years 1678 to 2262)"
+        )
+    return ns
 
 
 def _choose_format(request: Request) -> str:
@@ -257,14 +262,49 @@ async def historical(request: Request) -> Response:
         return Response(body, media_type=MEDIA["json"], headers=headers)
     if fmt == "parquet":
         path = await _run(_parquet_file, source, q)
-        return StreamingResponse(_file_chunks(path), media_type=MEDIA["parquet"], headers=headers)
+        return _Answer(
+            lambda started: _file_chunks(path, started),
+            lambda: path.unlink(missing_ok=True),
+            media_type=MEDIA["parquet"],
+            headers=headers,
+        )
     encode = {"ndjson": _ndjson, "csv": _csv, "arrow": _arrow}[fmt]
     reader = await _run(HistoryReader, source, q)
     chunks = _frames(reader, ns_ints=fmt != "arrow")
-    first = await _run(next, chunks, None)  # a corrupt file fails here, before the 200
-    return StreamingResponse(
-        _stream(first, chunks, encode, reader), media_type=MEDIA[fmt], headers=headers
+    try:
+        first = await _run(next, chunks, None)  # a corrupt file fails here, before the 200
+    except BaseException:
+        await asyncio.to_thread(_close, chunks, reader)
+        raise
+    return _Answer(
+        lambda started: _stream(first, chunks, encode, reader, started),
+        lambda: _close(chunks, reader),
+        media_type=MEDIA[fmt],
+        headers=headers,
     )
+
+
+class _Answer(StreamingResponse):
+    """A streamed answer that frees its query or file even when its body never starts (the
+    client went away before the first chunk, so the generator's own ``finally`` never runs).
+    The body generators set ``started`` on their first step; once started, they clean up."""
+
+    def __init__(
+        self,
+        content: Callable[[dict[str, bool]], AsyncIterator[bytes]],
+        cleanup: Callable[[], None],
+        **kw: Any,
+    ) -> None:
+        self.started = {"started": False}
+        super().__init__(content(self.started), **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.started["started"]:
+                await asyncio.to_thread(self._cleanup)
 
 
 async def gaps(request: Request) -> Response:
@@ -328,7 +368,10 @@ def _json_page(source: Source, q: HistoryQuery, gap_count: int) -> bytes:
 
 
 def _parquet_file(source: Source, q: HistoryQuery) -> Path:
-    fd, name = tempfile.mkstemp(prefix="tickpipe-history-", suffix=".parquet")
+    spill = source.spill_dir
+    if spill is not None:
+        spill.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="tickpipe-history-", suffix=".parquet", dir=spill)
     os.close(fd)
     path = Path(name)
     reader = HistoryReader(source, q)
@@ -342,7 +385,8 @@ def _parquet_file(source: Source, q: HistoryQuery) -> Path:
     return path
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+async def _file_chunks(path: Path, started: dict[str, bool]) -> AsyncIterator[bytes]:
+    started["started"] = True
     fh = await asyncio.to_thread(path.open, "rb")
     try:
         while chunk := await asyncio.to_thread(fh.read, 1 << 20):
@@ -364,9 +408,11 @@ async def _stream(
     chunks: Iterator[pl.DataFrame],
     encode: _Encoder,
     reader: HistoryReader,
+    started: dict[str, bool],
 ) -> AsyncIterator[bytes]:
     """Encoded chunks; the next one is read and encoded in a worker thread while this one is
     being sent."""
+    started["started"] = True
     state: dict[str, object] = {}
     ahead: asyncio.Future[bytes | None] | None = None
     try:
