@@ -258,6 +258,7 @@ def test_auth_errors(recorded: Stack) -> None:
         ({"start": 1, "end": 10, "limit": 100_001}, "limit"),
         ({"start": 1, "end": 10, "cursor": "nonsense"}, "cursor"),
         ({"start": "2026-01-01", "end": "2026-06-01"}, "ndjson"),
+        ({"start": "2026-01-01", "end": "2026-01-31", "interval": "1s"}, "format=ndjson"),
     ],
 )
 def test_bad_parameters_are_422_with_a_clear_message(

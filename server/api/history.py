@@ -53,6 +53,11 @@ MAX_LIMIT = 100_000
 # JSON pages hold their rows in memory; longer ranges should use a streaming format.
 MAX_JSON_RANGE_NS = 31 * 86_400 * 10**9
 CHUNK_ROWS = 50_000
+# JSON bars are one answer held in memory: at most this many (empty intervals are absent, so
+# this bounds the worst case: every interval of every symbol traded).
+MAX_JSON_BARS = 1_000_000
+INTERVAL_NS = {"1s": 10**9, "1m": 60 * 10**9, "5m": 300 * 10**9, "1h": 3600 * 10**9,
+               "1d": 86_400 * 10**9}  # fmt: skip
 MEDIA = {
     "json": "application/json",
     "ndjson": "application/x-ndjson",
@@ -212,6 +217,15 @@ def _parse_query(request: Request, fmt: str) -> HistoryQuery:
                 raise ApiError(422, "bad_parameter", str(exc)) from None
     if interval is not None:  # bars: one answer, not paged
         limit, after = None, None
+        most = -(-(end_ns - start_ns) // INTERVAL_NS[interval]) * len(syms)
+        if fmt == "json" and most > MAX_JSON_BARS:
+            raise ApiError(
+                422,
+                "range_too_large",
+                f"up to {most:,} bars ({len(syms)} symbols x {interval} over the range) is more "
+                f"than JSON answers at once ({MAX_JSON_BARS:,}); use format=ndjson or "
+                "format=arrow, a longer interval, or a shorter range",
+            )
     q = HistoryQuery(syms, start_ns, end_ns, types, enriched, interval, after, limit)
     raw_fields = qp.get("fields")
     if raw_fields is None:
