@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import polars as pl
+from redis.exceptions import RedisError
 
 from server import protocol
 from server.history import (
@@ -518,9 +519,13 @@ class Replay:
 
         spec, sub = self.spec, self.sub
         new = [s for s in spec.syms if s not in sub.symbols]
+        already = [s for s in spec.syms if s in sub.symbols]
         try:
-            latest = await self.hub.subscribe(sub, spec.syms, list(spec.types))
-        except RedisUnavailable as exc:
+            # Symbols already live on this connection keep their subscription (and its types).
+            latest = await self.hub.subscribe(sub, new, list(spec.types)) if new else {}
+            if already:
+                latest.update(await self.bus.latest(already))
+        except (RedisUnavailable, RedisError, OSError) as exc:
             sub.send(self._done())
             sub.send(
                 protocol.error(

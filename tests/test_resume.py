@@ -89,6 +89,23 @@ async def test_then_live_hands_over_with_contiguous_seq_under_a_live_feed(
     assert_contiguous(after, last)  # live goes on exactly after the hand-over
 
 
+async def test_then_live_leaves_a_symbol_already_subscribed_as_it_was(live: Stack) -> None:
+    """A trades-only then_live replay of a symbol the connection already gets live (trades and
+    quotes) must not narrow that subscription: its quotes keep coming after the hand-over."""
+    ws, _ = await live.client(live.key("tl-already", ["replay", "realtime"]))
+    await send(ws, op="subscribe", id="s", symbols=["AAPL"])
+    await next_event(ws, "subscribed", id="s")
+    start = time.time_ns() - 10**9
+    await send(
+        ws, op="replay", id="t", symbols=["AAPL"], start=start, speed="max", then_live=True,
+        types=["trade"],
+    )  # fmt: skip
+    await next_event(ws, "caught_up", id="t", timeout=15)
+    after, _ = await ticks_until(ws, lambda t: sum(x["type"] == "quote" for x in t) >= 5)
+    assert sum(x["type"] == "quote" and "replay" not in x for x in after) >= 5
+    await ws.close()
+
+
 async def _subscribe_and_read(stack: Stack, key: str, n: int) -> tuple[dict, dict[str, int]]:
     ws, _ = await stack.client(key)
     await send(ws, op="subscribe", symbols=SYMS)
