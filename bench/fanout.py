@@ -32,7 +32,6 @@ import datetime as dt
 import http.client
 import math
 import os
-import platform
 import selectors
 import shlex
 import shutil
@@ -53,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.clients import bucket_ns  # noqa: E402
+from bench.report import code_version, machine, write_results  # noqa: E402
 from server.auth import KeyStore  # noqa: E402
 from tests.harness import free_port, wait_port  # noqa: E402
 
@@ -605,37 +605,6 @@ def format_realtime(rt: dict[str, Any]) -> str:
     )
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    ram = psutil.virtual_memory().total / 2**30
-    return (
-        f"{os.cpu_count()} CPUs ({model}), {ram:.0f} GiB RAM, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}"
-    )
-
-
-def code_version() -> str:
-    """The commit measured, and whether server/ differs from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "server"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown (no git)"
-    return f"{head or 'unknown'}" + (" with uncommitted changes in server/" if dirty else "")
-
-
 def ms(value: float) -> str:
     return "-" if not value or math.isnan(value) else f"{value:.2f}"
 
@@ -846,10 +815,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     text = summary(bench, best, command, args)
     print("\n" + text)
-    out = ROOT / "bench" / "results" / f"fanout-{dt.date.today().isoformat()}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out.relative_to(ROOT)}")
+    write_results("fanout", text)
     return 0
 
 

@@ -29,7 +29,6 @@ Prints a table and writes ``bench/results/history-<date>.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import io
 import os
@@ -53,7 +52,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fanout import code_version, machine, stop_process  # noqa: E402
+from bench.fanout import stop_process  # noqa: E402
+from bench.report import code_version, machine, top_lines, write_results  # noqa: E402
 from server.compactor import Compactor  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.store import SCHEMA, scan, write_file  # noqa: E402
@@ -330,15 +330,6 @@ def same_rows(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return a.height == b.height and a.select(cols).equals(b.select(cols))
 
 
-def top_lines() -> list[str]:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["top", "-bn1", "-w", "160"], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.splitlines()[:15]
-    return ["(top unavailable)"]
-
-
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -532,12 +523,7 @@ def main() -> int:
     lines += [*top, "```", ""]
     text = "\n".join(lines)
     print("\n" + text)
-    out = ROOT / "bench" / "results" / f"history-{dt.date.today().isoformat()}.md"
-    if args.quick:
-        out = out.with_name(out.stem + "-quick.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out.relative_to(ROOT)}")
+    write_results("history", text, args.quick)
     return 0
 
 

@@ -46,7 +46,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fanout import code_version, machine, stop_process  # noqa: E402
+from bench.fanout import stop_process  # noqa: E402
+from bench.report import code_version, machine, top_lines, write_results  # noqa: E402
 from tests.harness import RedisProcess  # noqa: E402
 
 PY = sys.executable
@@ -371,15 +372,6 @@ def sustained(rig: Rig, rate: int, seconds: float, entry_ticks: int) -> dict[str
     return out
 
 
-def top_lines() -> list[str]:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["top", "-bn1", "-w", "160"], capture_output=True, text=True, timeout=9
-        )
-        return out.stdout.splitlines()[:15]
-    return ["(top unavailable)"]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="500 k-tick drain, one 8 s rate")
@@ -480,11 +472,7 @@ def main() -> int:
     lines += [*top, "```", ""]
     text = "\n".join(lines)
     print("\n" + text)
-    out = ROOT / "bench" / "results" / f"recorder-{dt.date.today().isoformat()}.md"
-    if args.quick:
-        out = out.with_name(out.stem + "-quick.md")
-    out.write_text(text)
-    print(f"written to {out.relative_to(ROOT)}")
+    write_results("recorder", text, args.quick)
     return 0
 
 

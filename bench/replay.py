@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +34,7 @@ import websockets
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import code_version, machine, write_results  # noqa: E402
 from server.store import SCHEMA, write_file  # noqa: E402
 from tests.harness import Stack  # noqa: E402
 
@@ -210,25 +208,12 @@ async def pacing(stack: Stack, key: str, speed: float, seconds: float) -> dict[s
     }
 
 
-def machine() -> str:
-    cpu = ""
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = psutil.virtual_memory().total / 2**30
-    return f"{os.cpu_count()} vCPUs ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description="replay benchmark")
     ap.add_argument("--ticks", type=int, default=10_000_000)
     ap.add_argument("--pacing-s", type=float, default=60.0)
     args = ap.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = code_version()
     with tempfile.TemporaryDirectory(prefix="tickpipe-bench-replay-") as tmp:
         stack = Stack(Path(tmp), feed=False)
         gen_s = generate(stack.data_dir / "history", args.ticks)
@@ -293,10 +278,8 @@ def main() -> None:
             for p in paced
         ),
     ]
-    out = ROOT / "bench" / "results" / f"replay-{today}.md"
-    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"written to {out}")
+    write_results("replay", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from server.store import SCHEMA, Snapshot, parse_log_id, scan
 
 TYPES = ("trade", "quote")
 INTERVALS = {"1s": "1 second", "1m": "1 minute", "5m": "5 minutes", "1h": "1 hour", "1d": "1 day"}
+INTERVAL_NS = {"1s": 10**9, "1m": 60 * 10**9, "5m": 300 * 10**9, "1h": 3600 * 10**9,
+               "1d": 86_400 * 10**9}  # fmt: skip
 DAY_NS = 86_400 * 10**9
 # The as-of join looks this far before ``start`` for the quote prevailing at the first trades.
 QUOTE_LOOKBACK_NS = DAY_NS

@@ -29,6 +29,7 @@ from server.api.ticks import parse_symbols
 from server.auth import ApiKey
 from server.bus import LOG_KEY
 from server.history import (
+    INTERVAL_NS,
     INTERVALS,
     TYPES,
     CorruptHistory,
@@ -56,8 +57,6 @@ CHUNK_ROWS = 50_000
 # JSON bars are one answer held in memory: at most this many (empty intervals are absent, so
 # this bounds the worst case: every interval of every symbol traded).
 MAX_JSON_BARS = 1_000_000
-INTERVAL_NS = {"1s": 10**9, "1m": 60 * 10**9, "5m": 300 * 10**9, "1h": 3600 * 10**9,
-               "1d": 86_400 * 10**9}  # fmt: skip
 MEDIA = {
     "json": "application/json",
     "ndjson": "application/x-ndjson",
