@@ -16,7 +16,6 @@ publisher just before ``Bus.publish``), for ticks published inside the window.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any, cast
 
@@ -26,6 +25,8 @@ from websockets.extensions.permessage_deflate import enable_client_permessage_de
 from websockets.frames import Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+
+from bench.lines import emit, read_line
 
 TICK_TYPES = frozenset({"trade", "quote"})
 FINE_NS = 10_000  # histogram buckets: 10 us below COARSE_FROM, 1 ms above
@@ -191,18 +192,6 @@ class TickClient(asyncio.Protocol):
             elif kind in ("error", "status"):
                 code = kind + ":" + str(ev.get("code", "?"))
                 figs.status[code] = figs.status.get(code, 0) + 1
-
-
-async def read_line() -> dict[str, Any]:
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    if not line:
-        raise SystemExit("clients: the orchestrator went away")
-    return orjson.loads(line)
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
-    sys.stdout.flush()
 
 
 async def main() -> None:

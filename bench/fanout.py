@@ -20,6 +20,12 @@ clients that negotiate permessage-deflate, and once at 16,000 ticks/s to show ho
 per tick scales. The machine may be shared: each run records how much CPU other processes
 used, and a failed run that was disturbed is measured again (``--retries``).
 
+``--web 1,2`` measures tickpipe with one web process and then with two on their own ports (the
+client processes spread over them, as behind a load balancer), each at the reference load and
+swept, in the same run; server CPU and RSS are those of all web processes together, and each web
+process's pub/sub intake (messages/s, from its heartbeat) and Redis' CPU per published tick are
+reported, the unit costs of the capacity model in plan.md.
+
 Prints one line per run and a summary, and writes the summary to
 ``bench/results/fanout-<date>.md``.
 """
@@ -32,7 +38,6 @@ import datetime as dt
 import http.client
 import math
 import os
-import selectors
 import shlex
 import shutil
 import signal
@@ -46,14 +51,17 @@ from typing import Any
 
 import orjson
 import psutil
-import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.clients import bucket_ns  # noqa: E402
+from bench.lines import read_json, tell  # noqa: E402
 from bench.report import code_version, machine, write_results  # noqa: E402
 from server.auth import KeyStore  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.live.bus import WEB_KEY_PREFIX, Layout  # noqa: E402
+from server.live.connection import open_redis, open_sync_redis  # noqa: E402
 from tests.harness import free_port, wait_port  # noqa: E402
 
 PY = sys.executable
@@ -82,29 +90,54 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> N
         proc.wait(5)
 
 
-class Cluster:
-    """The redis-server shared by every run, and the web process of the current run."""
+class Deployment:
+    """The Redis shared by every run (one redis-server, or ``--redis cluster``: 3 masters and 3
+    replicas as the cluster tests start them), and the web processes of the current run (one,
+    or ``--web N`` on N ports: the clients are spread over them)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, mode: str = "standalone") -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
+        self.mode = mode
         self.redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.redis_proc: subprocess.Popen[bytes] | None = None
-        self.web: subprocess.Popen[bytes] | None = None
-        self.web_port = 0
+        self.cluster: Any = None  # tests.cluster.RedisCluster in cluster mode
+        self.webs: list[subprocess.Popen[bytes]] = []
+        self.web_ports: list[int] = []
         self.key = ""
 
     def start_redis(self) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.redis_proc = subprocess.Popen(
-            [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-        )  # fmt: skip
-        wait_port(self.redis_port, 10)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.mode == "cluster":
+            from tests.cluster import RedisCluster
+
+            self.cluster = RedisCluster(self.workdir / "cluster").start()
+            self.redis_url = self.cluster.url
+        else:
+            exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+            self.redis_proc = subprocess.Popen(
+                [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir),
+                 "--logfile", str(self.workdir / "redis.log")],
+            )  # fmt: skip
+            wait_port(self.redis_port, 10)
         self.key = self._create_key()
         self._prime()
+
+    @property
+    def settings(self) -> Settings:
+        """What every process of the run is told about Redis."""
+        return Settings(redis_url=self.redis_url, redis_mode=self.mode, data_dir=self.data_dir)
+
+    def redis_pids(self) -> tuple[list[int], list[int]]:
+        """The redis-server processes: (masters, replicas); one master and no replica on one
+        Redis."""
+        if self.cluster is not None:
+            masters = [n.proc.pid for n in self.cluster.masters() if n.proc is not None]
+            every = [n.proc.pid for n in self.cluster.nodes if n.proc is not None]
+            return masters, [pid for pid in every if pid not in masters]
+        return ([] if self.redis_proc is None else [self.redis_proc.pid]), []
 
     def _create_key(self) -> str:
         store = KeyStore(self.data_dir / "keys.sqlite3")
@@ -118,39 +151,59 @@ class Cluster:
         """Publish one quote per symbol so every symbol is known and has an epoch."""
         import asyncio
 
-        from redis.asyncio import Redis
+        from redis.asyncio import RedisCluster
 
-        from server.bus import Bus
+        from server.live.bus import Bus
         from server.ticks import Quote
 
+        settings = self.settings
+
         async def prime() -> None:
-            r = Redis.from_url(self.redis_url)
-            try:
-                ts = time.time_ns()
-                await Bus(r).publish([Quote(s, ts, 10.0, 100.0, 10.01, 100.0) for s in SYMBOLS])
-            finally:
-                await r.aclose()
+            for attempt in range(5):
+                r = open_redis(settings, socket_timeout=10)
+                try:
+                    if isinstance(r, RedisCluster):
+                        await r.initialize()  # the slot map, before concurrent commands
+                    ts = time.time_ns()
+                    quotes = [Quote(s, ts, 10.0, 100.0, 10.01, 100.0) for s in SYMBOLS]
+                    await Bus(r, layout=Layout.of(settings)).publish(quotes)
+                    return
+                except Exception as exc:  # a cluster just formed may still be settling
+                    if attempt == 4:
+                        raise
+                    print(f"  priming failed ({type(exc).__name__}: {exc}); again", flush=True)
+                    await asyncio.sleep(1)
+                finally:
+                    await r.aclose()
 
         asyncio.run(prime())
 
     def seqs(self) -> dict[str, int]:
-        r = redis.Redis.from_url(self.redis_url)
+        layout = Layout.of(self.settings)
+        r = open_sync_redis(self.settings)
         try:
-            pipe = r.pipeline(transaction=False)
-            for s in SYMBOLS:
-                pipe.hget(f"tp:sym:{s}", "seq")
-            return {s: int(v or 0) for s, v in zip(SYMBOLS, pipe.execute(), strict=True)}
+            got = [r.hget(layout.sym_key(s), "seq") for s in SYMBOLS]
+            return {s: int(v or 0) for s, v in zip(SYMBOLS, got, strict=True)}  # type: ignore[arg-type]
         finally:
             r.close()
 
-    def start_web(self, kind: str) -> None:
-        self.web_port = free_port()
+    @property
+    def web_port(self) -> int:
+        return self.web_ports[0]
+
+    def start_webs(self, kind: str, n: int = 1) -> None:
+        for _ in range(n):
+            self._start_web(kind)
+
+    def _start_web(self, kind: str) -> None:
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
         env.update(
             TICKPIPE_REDIS_URL=self.redis_url,
+            TICKPIPE_REDIS_MODE=self.mode,
             TICKPIPE_DATA_DIR=str(self.data_dir),
             TICKPIPE_HOST="127.0.0.1",
-            TICKPIPE_PORT=str(self.web_port),
+            TICKPIPE_PORT=str(port),
             TICKPIPE_MAX_CONNS_PER_KEY="10000",
             TICKPIPE_MAX_SYMBOLS_PER_CONN="1000",
             NAIVE_REDIS_URL=self.redis_url,
@@ -161,35 +214,50 @@ class Cluster:
             args = [PY, "-m", "bench.timed_web"]
         else:
             args = [PY, "-m", "uvicorn", "bench.naive_server:create_app", "--factory",
-                    "--host", "127.0.0.1", "--port", str(self.web_port),
+                    "--host", "127.0.0.1", "--port", str(port),
                     "--ws-max-size", str(16 * 1024 * 1024), "--ws-ping-interval", "20",
                     "--ws-ping-timeout", "20", "--no-access-log",
                     "--log-level", "warning"]  # fmt: skip
         log = (self.workdir / "web.log").open("ab")
-        self.web = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        web = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_port(self.web_port, 30)
+        self.webs.append(web)
+        self.web_ports.append(port)
+        wait_port(port, 30)
         if kind.startswith("tickpipe"):
-            self._wait_healthy()
+            self._wait_healthy(port)
 
-    def _wait_healthy(self, timeout: float = 15.0) -> None:
+    def _wait_healthy(self, port: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=2)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 conn.request("GET", "/healthz")
                 if b'"redis":"up"' in conn.getresponse().read():
                     return
             time.sleep(0.1)
         raise TimeoutError("tickpipe web did not report Redis up")
 
-    def stop_web(self) -> None:
-        stop_process(self.web)
-        self.web = None
+    def pubsub_rates(self) -> list[float]:
+        """Pub/sub messages per second each tickpipe web process took in over its last second
+        (``messages_in_per_s`` of its heartbeat ``tp:web:<host>:<pid>``)."""
+        r = open_sync_redis(self.settings)
+        try:
+            keys = list(r.scan_iter(match=WEB_KEY_PREFIX + "*"))
+            return [float(r.hget(k, "messages_in_per_s") or 0.0) for k in keys]  # type: ignore[arg-type]
+        finally:
+            r.close()
+
+    def stop_webs(self) -> None:
+        for web in self.webs:
+            stop_process(web)
+        self.webs, self.web_ports = [], []
 
     def stop(self) -> None:
-        self.stop_web()
+        self.stop_webs()
         stop_process(self.redis_proc)
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -200,6 +268,9 @@ class Run:
     server: str
     rate: float
     note: str = ""
+    webs: int = 1  # web processes, the clients spread over them
+    redis: str = "standalone"  # or "cluster" (3 masters + 3 replicas)
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)  # load average at the window's end
     ticks_in: float = 0.0
     out: float = 0.0
     expected: int = 0
@@ -216,6 +287,8 @@ class Run:
     websockets: bool = True
     undelivered: int = 0  # events still missing when the drain ended (a backlog, or lost)
     rss_mb: float = 0.0
+    rss0_mb: float = 0.0  # the web processes before any client connected
+    msgs_in: float = 0.0  # pub/sub messages per second into each web process (their heartbeats)
     frames: int = 0  # WebSocket messages received by all clients (whole run)
     frames_per_s: float = 0.0  # ... during the window
     closed: dict[str, int] = field(default_factory=dict)
@@ -223,6 +296,15 @@ class Run:
     publisher: dict[str, Any] = field(default_factory=dict)
     realtime: dict[str, Any] | None = None
     failure: str = ""
+
+    @property
+    def label(self) -> str:
+        """The server, and how many web processes served the clients when more than one."""
+        return (
+            self.server
+            + (f" x{self.webs} web" if self.webs > 1 else "")
+            + (", cluster" if self.redis == "cluster" else "")
+        )
 
     @property
     def rate_kept(self) -> bool:
@@ -335,38 +417,15 @@ def wait_quiet(limit_pct: float, max_wait_s: float) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, cluster: Cluster) -> None:
+    def __init__(self, args: argparse.Namespace, deployment: Deployment) -> None:
         self.args = args
-        self.cluster = cluster
+        self.deployment = deployment
         self.runs: list[Run] = []
         self.version = code_version()
         self.started = time.monotonic()
 
     def elapsed_min(self) -> float:
         return (time.monotonic() - self.started) / 60
-
-    def _read_json(self, proc: subprocess.Popen[bytes], timeout: float, what: str) -> Any:
-        """One JSON line from a child's stdout, within ``timeout``."""
-        assert proc.stdout is not None
-        os.set_blocking(proc.stdout.fileno(), True)
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        try:
-            if not sel.select(timeout):
-                raise TimeoutError(f"{what}: no answer within {timeout:.0f}s")
-        finally:
-            sel.close()
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{what}: exited (code {proc.poll()})")
-        return orjson.loads(line)
-
-    def _tell(self, procs: list[subprocess.Popen[bytes]], obj: dict[str, Any]) -> None:
-        data = orjson.dumps(obj) + b"\n"
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write(data)
-            p.stdin.flush()
 
     def run(
         self,
@@ -376,12 +435,15 @@ class Bench:
         deflate: bool = False,
         websockets: bool = True,
         probe: bool = False,
+        webs: int = 1,
     ) -> Run:
         """Measure one load; if it fails while other work was using the machine, try again
         (bounded) and keep the least disturbed attempt."""
         attempts: list[Run] = []
         while True:
-            run = self.attempt(server, rate, realtime, deflate or self.args.deflate, websockets)
+            run = self.attempt(
+                server, rate, realtime, deflate or self.args.deflate, websockets, webs
+            )
             if probe:
                 run.note = "(scaling probe)"
             attempts.append(run)
@@ -403,11 +465,23 @@ class Bench:
         return best
 
     def attempt(
-        self, server: str, rate: float, realtime: bool, deflate: bool, websockets: bool
+        self,
+        server: str,
+        rate: float,
+        realtime: bool,
+        deflate: bool,
+        websockets: bool,
+        webs: int = 1,
     ) -> Run:
         a = self.args
-        c = self.cluster
-        run = Run(server=server.replace("+timing", ""), rate=rate, websockets=websockets)
+        c = self.deployment
+        run = Run(
+            server=server.replace("+timing", ""),
+            rate=rate,
+            websockets=websockets,
+            webs=webs,
+            redis=c.mode,
+        )
         if realtime:
             run.note = "+ /ticks/realtime 1000 req/s"
         if deflate:
@@ -419,9 +493,12 @@ class Bench:
         loader: subprocess.Popen[bytes] | None = None
         try:
             wait_quiet(a.quiet, a.quiet_wait)
-            c.start_web(server)
-            assert c.web is not None
-            print(f"  ({server} web process pid {c.web.pid})", flush=True)
+            c.start_webs(server, webs)
+            run.rss0_mb = sum(psutil.Process(w.pid).memory_info().rss for w in c.webs) / 2**20
+            pids = ", ".join(
+                f"{w.pid} on :{port}" for w, port in zip(c.webs, c.web_ports, strict=True)
+            )
+            print(f"  ({server} web process pid {pids})", flush=True)
             base = c.seqs()
             plan = client_plan(a.procs * a.clients, a.per_client)
             per = a.clients
@@ -434,10 +511,10 @@ class Bench:
                 )
                 clients.append(p)
                 chunk = plan[i * per : (i + 1) * per]
-                self._tell(
+                tell(
                     [p],
                     {
-                        "url": f"ws://127.0.0.1:{c.web_port}/ws",
+                        "url": f"ws://127.0.0.1:{c.web_ports[i % webs]}/ws",
                         "key": c.key,
                         "clients": chunk,
                         "base": base,
@@ -446,19 +523,19 @@ class Bench:
                     },
                 )
             for p in clients:
-                ready = self._read_json(p, 90, "clients")
+                ready = read_json(p, 90, "clients")
                 if ready["failed"]:
                     raise RuntimeError(f"clients could not subscribe: {ready['failed']}")
             start = time.time_ns() + 1_000_000_000
             w0 = start + int(a.warmup * 1e9)
             w1 = w0 + int(a.measure * 1e9)
             publisher = subprocess.Popen(
-                [PY, "-m", "bench.publisher", "--redis-url", c.redis_url,
+                [PY, "-m", "bench.publisher", "--redis-url", c.redis_url, "--redis-mode", c.mode,
                  "--symbols", ",".join(SYMBOLS), "--rate", str(rate),
                  "--start-ns", str(start), "--w0", str(w0), "--w1", str(w1)],
                 cwd=ROOT, stdout=subprocess.PIPE,
             )  # fmt: skip
-            self._tell(clients, {"w0": w0, "w1": w1})
+            tell(clients, {"w0": w0, "w1": w1})
             if realtime:
                 loader = subprocess.Popen(
                     [PY, "-m", "bench.realtime_load", "--port", str(c.web_port),
@@ -467,10 +544,11 @@ class Bench:
                     cwd=ROOT, stdout=subprocess.PIPE,
                     env={**os.environ, "BENCH_KEY": c.key},
                 )  # fmt: skip
-            assert c.web is not None and c.redis_proc is not None
+            masters, replicas = c.redis_pids()
             procs = {
-                "server": [c.web.pid],
-                "redis": [c.redis_proc.pid],
+                "server": [w.pid for w in c.webs],
+                "redis": masters,
+                "replicas": replicas,
                 "publisher": [publisher.pid],
                 "clients": [p.pid for p in clients],
                 "orchestrator": [os.getpid()],
@@ -483,10 +561,13 @@ class Bench:
             time.sleep(max(0.0, (w0 - time.time_ns()) / 1e9))
             cpu0, busy0, t0 = cpu_seconds(procs), machine_busy(), time.monotonic()
             rss = 0
-            web = psutil.Process(c.web.pid)
+            servers = [psutil.Process(w.pid) for w in c.webs]
+            rates: list[list[float]] = []
             while time.time_ns() < w1:
                 with contextlib.suppress(psutil.Error):
-                    rss = max(rss, web.memory_info().rss)
+                    rss = max(rss, sum(w.memory_info().rss for w in servers))
+                if server.startswith("tickpipe"):
+                    rates.append(c.pubsub_rates())
                 time.sleep(min(0.5, max(0.0, (w1 - time.time_ns()) / 1e9)))
             cpu1, busy1, t1 = cpu_seconds(procs), machine_busy(), time.monotonic()
             wall = t1 - t0
@@ -496,17 +577,20 @@ class Bench:
             run.busiest_others = others_busiest(every0, every1, mine, span)
             run.cpu = {k: 100 * (cpu1[k] - cpu0[k]) / wall for k in procs}
             run.cpu["machine"] = 100 * (busy1 - busy0) / wall
+            run.load = os.getloadavg()
             run.cpu["others"] = run.cpu["machine"] - sum(run.cpu[k] for k in procs)
             run.rss_mb = rss / 2**20
-            run.publisher = self._read_json(publisher, 30, "publisher")
+            per_web = [sum(r) / len(r) for r in rates if r]
+            run.msgs_in = sum(per_web) / len(per_web) if per_web else 0.0
+            run.publisher = read_json(publisher, 30, "publisher")
             run.ticks_in = run.publisher["in_window"] / a.measure
             if loader is not None:
-                run.realtime = self._read_json(loader, 30, "realtime load")
+                run.realtime = read_json(loader, 30, "realtime load")
             final = c.seqs()
-            self._tell(clients, {"final": final})
+            tell(clients, {"final": final})
             hist: dict[int, int] = {}
             for p in clients:
-                r = self._read_json(p, a.drain + 30, "clients")
+                r = read_json(p, a.drain + 30, "clients")
                 run.expected += r["expected"]
                 run.received += r["received"]
                 run.gaps += r["gaps"]
@@ -534,7 +618,7 @@ class Bench:
                     with contextlib.suppress(Exception):
                         p.kill()
                         p.wait(5)
-            c.stop_web()
+            c.stop_webs()
         print(format_run(run), flush=True)
         if run.realtime:
             print("    " + format_realtime(run.realtime), flush=True)
@@ -545,7 +629,7 @@ class Bench:
             print(f"    busiest other processes: {busiest}", flush=True)
         return run
 
-    def sweep(self, server: str, first: Run) -> float:
+    def sweep(self, server: str, first: Run, webs: int = 1) -> float:
         """Highest ladder rate that passes, starting from the reference run."""
         best = first.rate if first.passed else 0.0
         i = LADDER.index(int(first.rate))
@@ -554,7 +638,7 @@ class Bench:
         deadline = time.monotonic() + self.args.sweep_budget
         while 0 <= i + step < len(LADDER) and time.monotonic() < deadline:
             i += step
-            r = self.run(server, LADDER[i])
+            r = self.run(server, LADDER[i], webs=webs)
             if step == 1 and not r.passed:
                 failed_at = r.rate
                 break
@@ -568,7 +652,7 @@ class Bench:
         if self.args.refine and best and failed_at and failed_at > best:
             mid = float(round((best + failed_at) / 2 / 250) * 250)
             if best < mid < failed_at and time.monotonic() < deadline:
-                r = self.run(server, mid)
+                r = self.run(server, mid, webs=webs)
                 if r.passed:
                     best = mid
         return best
@@ -579,17 +663,18 @@ class Bench:
 
 def format_run(r: Run) -> str:
     if r.failure and not r.ticks_in:
-        return f"  {r.server:<8} {r.rate:>7.0f}/s  FAILED: {r.failure}"
+        return f"  {r.label:<8} {r.rate:>7.0f}/s  FAILED: {r.failure}"
     cpu = r.cpu
     return (
-        f"  {r.server:<8} target {r.rate:>6.0f}/s  in {r.ticks_in:>7.0f}/s  "
+        f"  {r.label:<8} target {r.rate:>6.0f}/s  in {r.ticks_in:>7.0f}/s  "
         f"out {r.out:>8.0f}/s in {r.frames_per_s:>6.0f} frames/s  "
         f"loss {r.lost} (gaps {r.gaps}, recv {r.received}/{r.expected})  "
         f"p50 {r.p50:6.2f} ms  p99 {r.p99:7.2f} ms  max {r.max_ms:7.1f} ms  "
         f"server {cpu.get('server', 0):3.0f}% CPU {r.rss_mb:4.0f} MB  "
         f"[clients {cpu.get('clients', 0):.0f}% redis {cpu.get('redis', 0):.0f}% "
-        f"pub {cpu.get('publisher', 0):.0f}% others {cpu.get('others', 0):.0f}% "
-        f"machine {cpu.get('machine', 0):.0f}%/200%]  "
+        f"replicas {cpu.get('replicas', 0):.0f}% pub {cpu.get('publisher', 0):.0f}% "
+        f"others {cpu.get('others', 0):.0f}% "
+        f"machine {cpu.get('machine', 0):.0f}%/200% load {r.load[0]:.1f}]  "
         f"{'PASS' if r.passed else 'FAIL: ' + r.why_not() if r.websockets else 'REST only'}"
         + (f"  {r.note}" if r.note else "")
     )
@@ -611,7 +696,11 @@ def ms(value: float) -> str:
 
 def summary(bench: Bench, best: dict[str, float], command: str, args: argparse.Namespace) -> str:
     runs = bench.runs
-    ref = {r.server: r for r in runs if r.rate == REFERENCE_RATE and not r.note}
+    ref = {
+        r.server: r
+        for r in runs
+        if r.rate == REFERENCE_RATE and not r.note and r.webs == 1 and r.redis == "standalone"
+    }
     rt_runs = [r for r in runs if r.realtime]
     lines = [
         f"# Fan-out benchmark, {dt.date.today().isoformat()}",
@@ -640,9 +729,10 @@ def summary(bench: Bench, best: dict[str, float], command: str, args: argparse.N
         "ours but competed with it for the 2 cores.",
         "",
         "| server | target in/s | in/s | out/s | frames/s | loss | p50 ms | p99 ms | max ms "
-        "| server CPU | server RSS MB | server CPU us / tick out | clients CPU "
-        "| other sessions' CPU | result |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server CPU | server RSS MB (before clients) | server CPU us / tick out "
+        "| Redis (masters) CPU us / tick in | pub/sub msgs/s into each web | clients CPU "
+        "| other sessions' CPU | load avg | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         res = "PASS" if r.passed else "FAIL: " + r.why_not()
@@ -652,13 +742,16 @@ def summary(bench: Bench, best: dict[str, float], command: str, args: argparse.N
             res += f" (attempt {r.attempts})" if r.passed else f" ({r.attempts} attempts)"
         server_cpu = r.cpu.get("server", 0.0)
         per_tick = f"{1e4 * server_cpu / r.out:.1f}" if r.out else "-"
+        redis_tick = f"{1e4 * r.cpu.get('redis', 0.0) / r.ticks_in:.1f}" if r.ticks_in else "-"
         loss = f"{r.lost} ({r.gaps} gaps)" if r.gaps else str(r.lost)
         lines.append(
-            f"| {r.server}{' ' + r.note if r.note else ''} | {r.rate:.0f} | {r.ticks_in:.0f} | "
+            f"| {r.label}{' ' + r.note if r.note else ''} | {r.rate:.0f} | {r.ticks_in:.0f} | "
             f"{r.out:.0f} | {r.frames_per_s:.0f} | {loss} | {ms(r.p50)} | {ms(r.p99)} | "
             f"{ms(r.max_ms)} | "
-            f"{server_cpu:.0f}% | {r.rss_mb:.0f} | {per_tick} | "
-            f"{r.cpu.get('clients', 0):.0f}% | {r.cpu.get('others', 0):.0f}% | {res} |"
+            f"{server_cpu:.0f}% | {r.rss_mb:.0f} ({r.rss0_mb:.0f}) | {per_tick} | {redis_tick} | "
+            f"{r.msgs_in:.0f} | "
+            f"{r.cpu.get('clients', 0):.0f}% | {r.cpu.get('others', 0):.0f}% | "
+            f"{r.load[0]:.1f} | {res} |"
         )
     others = sorted(r.cpu["others"] for r in runs if "others" in r.cpu)
     if others:
@@ -689,7 +782,12 @@ def summary(bench: Bench, best: dict[str, float], command: str, args: argparse.N
         costs = [
             (r.rate, 1e4 * r.cpu.get("server", 0.0) / r.out)
             for r in runs
-            if r.server == name and r.out and "realtime" not in r.note and "deflate" not in r.note
+            if r.server == name
+            and r.webs == 1
+            and r.redis == "standalone"
+            and r.out
+            and "realtime" not in r.note
+            and "deflate" not in r.note
         ]
         if costs:
             costs.sort()
@@ -715,6 +813,7 @@ def summary(bench: Bench, best: dict[str, float], command: str, args: argparse.N
             f"{ratio:.1f}x (target >= 10x): {'met' if ratio >= 10 else 'NOT met'}"
             + (" (tickpipe passed the top of the ladder)" if tb == LADDER[-1] else "")
         )
+    lines += web_processes(runs, best)
     for r in rt_runs:
         assert r.realtime is not None
         srv = r.realtime.get("server_ms", {})
@@ -742,6 +841,83 @@ def summary(bench: Bench, best: dict[str, float], command: str, args: argparse.N
 # -- main ----------------------------------------------------------------------------------------
 
 
+def best_key(webs: int, redis: str = "standalone") -> str:
+    """Where the highest sustained rate of tickpipe with ``webs`` web processes on ``redis`` is
+    kept (the same as ``Run.label``)."""
+    return Run("tickpipe", 0.0, webs=webs, redis=redis).label
+
+
+def web_processes(runs: list[Run], best: dict[str, float]) -> list[str]:
+    """tickpipe with 1 and with N web processes, on one Redis and on a cluster: the reference
+    load and the highest sustained rate of each (only when more than one setup was measured)."""
+    setups = sorted({(r.redis != "standalone", r.webs) for r in runs if r.server == "tickpipe"})
+    if len(setups) < 2:
+        return []
+    lines = []
+    for clustered, n in setups:
+        mode = "cluster" if clustered else "standalone"
+        ref = next(
+            (
+                r
+                for r in runs
+                if r.server == "tickpipe" and r.webs == n and r.redis == mode
+                and r.rate == REFERENCE_RATE and not r.note
+            ),
+            None,
+        )  # fmt: skip
+        what = "- tickpipe, " + (
+            f"{n} web processes (the clients spread over them)" if n > 1 else "1 web process"
+        )
+        what += ", Redis Cluster (3 masters + 3 replicas)" if clustered else ", one Redis"
+        if ref is not None and ref.out:
+            us = 1e4 * ref.cpu.get("server", 0.0) / ref.out
+            redis_us = 1e4 * ref.cpu.get("redis", 0.0) / ref.ticks_in if ref.ticks_in else 0.0
+            replicas = ref.cpu.get("replicas", 0.0)
+            what += (
+                f": reference load in {ref.ticks_in:.0f}/s, out {ref.out:.0f}/s, loss "
+                f"{ref.lost}, p99 {ms(ref.p99)} ms, server CPU {ref.cpu.get('server', 0):.0f}% "
+                f"(all web processes), {us:.1f} us per delivered tick, Redis CPU "
+                f"{ref.cpu.get('redis', 0):.0f}% ({redis_us:.1f} us per tick in"
+                + (f"; replicas {replicas:.0f}% more" if clustered else "")
+                + "), RSS "
+                f"{ref.rss_mb:.0f} MB, load average {ref.load[0]:.1f}"
+            )
+        key = best_key(n, mode)
+        if key in best:
+            what += (
+                f"; highest sustained rate {best[key]:.0f} ticks/s in"
+                if best[key]
+                else "; no rate of the ladder passed"
+            )
+        lines.append(what)
+    return lines
+
+
+def measure_one(
+    bench: Bench, server: str, args: argparse.Namespace, best: dict[str, float]
+) -> None:
+    """One web process of ``server``: the reference load, the REST and compression variants
+    (tickpipe), the sweep, and a scaling probe."""
+    if args.rates:
+        for rate in args.rates.split(","):
+            bench.run(server, float(rate))
+        return
+    ref = bench.run(server, REFERENCE_RATE)
+    if server == "tickpipe" and not args.no_realtime:
+        bench.run("tickpipe+timing", REFERENCE_RATE, realtime=True)
+        # The same REST load with the same feed but no fan-out: the floor.
+        bench.run("tickpipe+timing", REFERENCE_RATE, realtime=True, websockets=False)
+    if server == "tickpipe" and not args.quick and not args.deflate:
+        # Browsers and the websockets library offer compression by default.
+        bench.run("tickpipe", REFERENCE_RATE, deflate=True)
+    if not args.no_sweep:
+        best[server] = bench.sweep(server, ref)
+    tried = max((r.rate for r in bench.runs if r.server == server), default=0.0)
+    if server == "tickpipe" and not args.quick and not args.no_sweep and tried < PROBE_RATE:
+        # How the server's cost per tick scales, even past what this box sustains.
+        bench.run(server, PROBE_RATE, probe=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short windows, no refinement")
@@ -752,6 +928,18 @@ def main() -> int:
     p.add_argument("--measure", type=float, default=None)
     p.add_argument("--drain", type=float, default=5.0, help="max seconds to wait for stragglers")
     p.add_argument("--servers", default="tickpipe,naive")
+    p.add_argument(
+        "--redis",
+        default="standalone",
+        help="standalone, cluster (3 masters + 3 replicas, TICKPIPE_REDIS_MODE=cluster) or "
+        "standalone,cluster: tickpipe on each, in one run",
+    )
+    p.add_argument(
+        "--web",
+        default="1",
+        help="tickpipe web processes on their own ports, the clients spread over them; a list "
+        "(1,2) measures each count (reference load and sweep) in one run",
+    )
     p.add_argument("--sweep-budget", type=float, default=300.0, help="seconds per server")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-realtime", action="store_true")
@@ -777,40 +965,46 @@ def main() -> int:
     shown = os.path.relpath(exe, ROOT) if exe.is_relative_to(ROOT) else PY
     command = shlex.join([shown, "bench/fanout.py", *sys.argv[1:]])
 
+    try:
+        web_counts = [int(n) for n in args.web.split(",")]
+        assert web_counts and all(n >= 1 for n in web_counts)
+    except (ValueError, AssertionError):
+        p.error(f"--web takes counts of web processes, like 2 or 1,2 (not {args.web!r})")
+    modes = args.redis.split(",")
+    if not modes or any(m not in ("standalone", "cluster") for m in modes):
+        p.error(f"--redis takes standalone, cluster or both (not {args.redis!r})")
     workdir = Path(tempfile.mkdtemp(prefix="tickpipe-bench-"))
-    cluster = Cluster(workdir)
-    bench = Bench(args, cluster)
+    bench = Bench(args, Deployment(workdir / modes[0], modes[0]))
     best: dict[str, float] = {}
     print(
         f"machine: {machine()}\ncommand: {command}\ntickpipe: {bench.version}\nwork dir: {workdir}",
         flush=True,
     )
     try:
-        cluster.start_redis()
-        for server in args.servers.split(","):
-            print(f"{server}:", flush=True)
-            if args.rates:
-                for rate in args.rates.split(","):
-                    bench.run(server, float(rate))
-                continue
-            ref = bench.run(server, REFERENCE_RATE)
-            if server == "tickpipe" and not args.no_realtime:
-                bench.run("tickpipe+timing", REFERENCE_RATE, realtime=True)
-                # The same REST load with the same feed but no fan-out: the floor.
-                bench.run("tickpipe+timing", REFERENCE_RATE, realtime=True, websockets=False)
-            if server == "tickpipe" and not args.quick and not args.deflate:
-                # Browsers and the websockets library offer compression by default.
-                bench.run("tickpipe", REFERENCE_RATE, deflate=True)
-            if not args.no_sweep:
-                best[server] = bench.sweep(server, ref)
-            tried = max((r.rate for r in bench.runs if r.server == server), default=0.0)
-            if server == "tickpipe" and not args.quick and not args.no_sweep and tried < PROBE_RATE:
-                # How the server's cost per tick scales, even past what this box sustains.
-                bench.run(server, PROBE_RATE, probe=True)
+        for mode in modes:
+            deployment = bench.deployment = Deployment(workdir / mode, mode)
+            try:
+                deployment.start_redis()
+                for server in args.servers.split(","):
+                    if server != "tickpipe" and mode != "standalone":
+                        continue  # the naive server speaks to one Redis only
+                    for webs in web_counts if server == "tickpipe" else [1]:
+                        name = best_key(webs, mode) if server == "tickpipe" else server
+                        print(f"{name}:", flush=True)
+                        if webs == 1 and mode == "standalone":
+                            measure_one(bench, server, args, best)
+                        elif args.rates:
+                            for rate in args.rates.split(","):
+                                bench.run(server, float(rate), webs=webs)
+                        else:
+                            ref = bench.run(server, REFERENCE_RATE, webs=webs)
+                            if not args.no_sweep:
+                                best[name] = bench.sweep(server, ref, webs)
+            finally:
+                deployment.stop()
     except KeyboardInterrupt:
         print("interrupted; writing what was measured", file=sys.stderr)
     finally:
-        cluster.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     text = summary(bench, best, command, args)

@@ -4,8 +4,8 @@
     .venv/bin/python bench/history.py --quick    # 1 M ticks, one round
 
 Data: ``--ticks`` ticks of 100 symbols over 5 days (2026-01-05 .. 2026-01-09 UTC), one trade to
-three quotes, written once with Polars expressions through ``server.recorder.write_file`` (the
-recorder's own layout, schema, sort order, zstd and 128k-row groups), ``--files-per-day`` files
+three quotes, written once with Polars expressions through ``server.history.store.write_file``
+(the recorder's own layout, schema, sort order, zstd and 128k-row groups), ``--files-per-day`` files
 per day with synthetic increasing log-id names, cached under ``bench/.data/`` (not committed).
 
 A real redis-server and a real ``tickpipe web`` (uvicorn) are started on free ports with
@@ -53,10 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import stop_process  # noqa: E402
-from bench.report import code_version, machine, top_lines, write_results  # noqa: E402
-from server.compactor import Compactor  # noqa: E402
+from bench.report import code_version, machine, top_lines, top_section, write_results  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.store import SCHEMA, scan, write_file  # noqa: E402
+from server.history.compactor import Compactor  # noqa: E402
+from server.history.store import scan, write_file  # noqa: E402
+from server.ticks import STORED_SCHEMA  # noqa: E402
 from tests.harness import RedisProcess, free_port, wait_port  # noqa: E402
 
 PY = sys.executable
@@ -73,14 +74,16 @@ DATA_ROOT = ROOT / "bench" / ".data"
 ARCTIC_PY = ROOT / ".venv-bench" / "bin" / "python"
 TARGET_ARROW_RATIO = 0.7
 TARGET_NDJSON = 1_000_000
-TARGET_ARCTIC_FACTOR = 2.0
+TARGET_ARCTIC_FACTOR = 1.0
+# What tickpipe.Client.history asks for.
+ARROW_OPTIONS = {"dictionary": "true", "compression": "lz4"}
 
 
 # -- data ----------------------------------------------------------------------------------------
 
 
 def day_frame(day: int, per_sym: int) -> pl.DataFrame:
-    """One day of ticks for every symbol, rows in (sym, ts) order, in ``SCHEMA``."""
+    """One day of ticks for every symbol, rows in (sym, ts) order, in ``STORED_SCHEMA``."""
     n = per_sym * N_SYMBOLS
     step = DAY_NS // per_sym
     day_ns = START_NS + day * DAY_NS
@@ -124,8 +127,9 @@ def day_frame(day: int, per_sym: int) -> pl.DataFrame:
         pl.when(~pl.col("trade")).then(pl.lit(500.0)).otherwise(null_f).alias("ask_size"),
         pl.lit(None, dtype=pl.Utf8).alias("venue"),
         pl.lit(None, dtype=pl.Boolean).alias("crossed"),
+        pl.lit(None, dtype=pl.Utf8).alias("flags"),
     )
-    return frame.select([pl.col(c).cast(t) for c, t in SCHEMA.items()])
+    return frame.select([pl.col(c).cast(t) for c, t in STORED_SCHEMA.items()])
 
 
 def ensure_data(total: int, files_per_day: int, compacted: bool) -> Path:
@@ -135,7 +139,7 @@ def ensure_data(total: int, files_per_day: int, compacted: bool) -> Path:
     files merged by the product's own compactor (default settings)."""
     per_sym = total // (N_SYMBOLS * DAYS)
     suffix = "-compacted" if compacted else ""
-    data_dir = DATA_ROOT / f"history-{total}-{files_per_day}f{suffix}"
+    data_dir = DATA_ROOT / f"history-{total}-{files_per_day}f{suffix}-facts"
     done = data_dir / ".complete"
     if done.exists():
         return data_dir
@@ -237,6 +241,14 @@ class Measure:
     rows: int = 0
     seconds: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu: list[float] = field(default_factory=list)  # server CPU seconds per run
+
+    @property
+    def cpu_per_m(self) -> float:
+        # Summed over the runs: one run can be below the 10 ms resolution of process CPU time.
+        if not self.cpu or not self.rows:
+            return float("nan")
+        return sum(self.cpu) / (self.rows * len(self.cpu)) * 1e6
 
     @property
     def best(self) -> float:
@@ -276,17 +288,20 @@ def raw_duckdb(files: list[str], syms: list[str]) -> tuple[pl.DataFrame, float]:
 
 
 def http_arrow(
-    client: httpx.Client, params: dict[str, str]
+    client: httpx.Client, params: dict[str, str], options: dict[str, str]
 ) -> tuple[pl.DataFrame, float, float, int]:
-    """(frame, seconds to the last byte, seconds to the decoded frame, bytes)."""
+    """(frame, seconds to the last byte, seconds to the decoded frame, bytes). The frame is what
+    ``tickpipe.Client.history`` returns: dictionary columns back to plain strings."""
     t0 = time.perf_counter()
     parts: list[bytes] = []
-    with client.stream("GET", "/ticks/historical", params={**params, "format": "arrow"}) as r:
+    query = {**params, "format": "arrow", **options}
+    with client.stream("GET", "/ticks/historical", params=query) as r:
         r.raise_for_status()
         parts.extend(r.iter_raw(1 << 20))
     t_body = time.perf_counter() - t0
     body = b"".join(parts)
     frame = pl.read_ipc_stream(io.BytesIO(body))
+    frame = frame.with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String))
     return frame, t_body, time.perf_counter() - t0, len(body)
 
 
@@ -300,6 +315,58 @@ def http_ndjson(client: httpx.Client, params: dict[str, str]) -> tuple[int, floa
             rows += chunk.count(b"\n")
             size += len(chunk)
     return rows, time.perf_counter() - t0, size
+
+
+def third_party_readers(client: httpx.Client, params: dict[str, str], workdir: Path) -> list[str]:
+    """Checks that pyarrow and DuckDB (in ``.venv-bench``) read every Arrow variant of an answer
+    (plain, dictionary, lz4, zstd) with the rows and values Polars reads."""
+    if not ARCTIC_PY.exists():
+        return [f"third-party readers not checked: {ARCTIC_PY.relative_to(ROOT)} missing"]
+    variants = {
+        "plain": {},
+        "dictionary+lz4": ARROW_OPTIONS,
+        "dictionary+zstd": {"dictionary": "true", "compression": "zstd"},
+        "lz4": {"compression": "lz4"},
+    }
+    paths, frames = [], []
+    for name, options in variants.items():
+        r = client.get("/ticks/historical", params={**params, "format": "arrow", **options})
+        r.raise_for_status()
+        path = workdir / f"answer-{name}.arrow"
+        path.write_bytes(r.content)
+        paths.append(str(path))
+        frames.append(pl.read_ipc_stream(io.BytesIO(r.content)))
+    done = subprocess.run(
+        [str(ARCTIC_PY), str(ROOT / "bench" / "arrow_readers.py"), *paths],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        return [f"third-party readers failed: {done.stderr.decode().strip()[-300:]}"]
+    out = []
+    for name, frame, line in zip(variants, frames, done.stdout.splitlines(), strict=True):
+        got = orjson.loads(line)
+        ok = (
+            got["pyarrow_rows"] == got["duckdb_rows"] == frame.height
+            and got["duckdb_symbols"] == frame["sym"].n_unique()
+            and got["duckdb_seq_sum"] == frame["seq"].sum()
+        )
+        out.append(
+            f"Arrow {name} ({len(frame):,} rows) read by pyarrow (sym as {got['sym_type']}) and "
+            f"DuckDB with the same rows, symbols and seq sum as Polars: {ok}"
+        )
+    return out
+
+
+def python_client(port: int, key: str, syms: list[str]) -> tuple[pl.DataFrame, float]:
+    """``tickpipe.SyncClient.history`` of the range: (frame, seconds)."""
+    from tickpipe import SyncClient
+
+    with SyncClient(f"http://127.0.0.1:{port}", key, timeout=600) as c:
+        t0 = time.perf_counter()
+        frame = c.history(syms, START_NS, END_NS)
+        return frame, time.perf_counter() - t0
 
 
 def arctic(files: list[str], repeats: int) -> dict[str, Any]:
@@ -326,8 +393,8 @@ def arctic(files: list[str], repeats: int) -> dict[str, Any]:
 
 
 def same_rows(a: pl.DataFrame, b: pl.DataFrame) -> bool:
-    cols = ["sym", "ts", "seq", "price", "bid"]
-    return a.height == b.height and a.select(cols).equals(b.select(cols))
+    """Every column and row equal, in the same order."""
+    return a.height == b.height and a.equals(b.select(a.columns))
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -335,6 +402,15 @@ def same_rows(a: pl.DataFrame, b: pl.DataFrame) -> bool:
 
 def fmt_rate(r: float) -> str:
     return f"{r / 1e6:.2f} M/s" if r >= 1e6 else f"{r / 1e3:.0f} k/s"
+
+
+def timed(m: Measure, server: Server, fn: Any) -> Any:
+    """Run ``fn`` (returning (result, seconds, ...)), keep its time and the server's CPU."""
+    cpu0 = server.cpu_s()
+    got = fn()
+    m.seconds.append(got[1])
+    m.cpu.append(server.cpu_s() - cpu0)
+    return got
 
 
 def main() -> int:
@@ -348,7 +424,7 @@ def main() -> int:
         help="read the per-flush files as written, before the compactor merged them",
     )
     p.add_argument("--rounds", type=int, default=None, help="rounds of the full-range reads")
-    p.add_argument("--symbol-repeats", type=int, default=5, help="reads of the one symbol")
+    p.add_argument("--symbol-repeats", type=int, default=9, help="reads of the one symbol")
     p.add_argument("--no-arctic", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = p.parse_args()
@@ -368,10 +444,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tickpipe-bench-history-"))
     server = Server(data_dir, workdir)
     raw = Measure("DuckDB in-process -> Arrow C stream -> Polars")
-    arrow = Measure("GET /ticks/historical format=arrow (to decoded frame)")
+    arrow = Measure("format=arrow, dictionary, lz4 (the Python client's request), decoded")
     arrow_body = Measure("  ... to the last byte")
-    ndjson = Measure("GET /ticks/historical format=ndjson")
-    sym_http = Measure(f"{ONE_SYMBOL} 5 days, format=arrow (to decoded frame)")
+    arrow_plain = Measure("format=arrow without options (plain strings, uncompressed), decoded")
+    py_client = Measure("tickpipe.SyncClient.history() (the same request), to its frame")
+    ndjson = Measure("format=ndjson, rows counted as newlines")
+    sym_http = Measure(f"{ONE_SYMBOL} 5 days, format=arrow, dictionary, lz4, decoded")
     sym_raw = Measure(f"{ONE_SYMBOL} 5 days, DuckDB in-process")
     checks: list[str] = []
     arctic_out: dict[str, Any] = {}
@@ -396,35 +474,61 @@ def main() -> int:
                 raw.seconds.append(secs)
                 print(f"round {rnd + 1}: raw DuckDB {frame.height:,} rows in {secs:.2f} s")
                 cpu0 = server.cpu_s()
-                got, t_body, t_all, nbytes = http_arrow(client, params)
-                arrow.rows = arrow_body.rows = got.height
+                got, _s, t_all, nbytes = http_arrow(client, params, ARROW_OPTIONS)
+                arrow.cpu.append(server.cpu_s() - cpu0)
                 arrow.seconds.append(t_all)
-                arrow_body.seconds.append(t_body)
-                arrow.extra = {"bytes": nbytes, "server_cpu_s": server.cpu_s() - cpu0}
+                arrow.rows = arrow_body.rows = got.height
+                arrow_body.seconds.append(_s)
+                arrow.extra["bytes"] = nbytes
                 print(
                     f"round {rnd + 1}: arrow {got.height:,} rows, {nbytes / 2**20:.0f} MB, "
-                    f"body {t_body:.2f} s, decoded {t_all:.2f} s"
+                    f"body {_s:.2f} s, decoded {t_all:.2f} s"
                 )
                 if rnd == 0:
-                    ok = same_rows(frame, got)
                     checks.append(
-                        f"Arrow over HTTP gave the same rows in the same order as raw DuckDB: {ok}"
+                        "Arrow (dictionary, lz4) over HTTP gave every column of every row of raw "
+                        f"DuckDB, in the same order: {same_rows(frame, got)}"
                     )
-                del frame, got
-                cpu0 = server.cpu_s()
-                n, secs, nbytes = http_ndjson(client, params)
+                del got
+                n, secs, nbytes = timed(ndjson, server, lambda: http_ndjson(client, params))
                 ndjson.rows = n
-                ndjson.seconds.append(secs)
-                ndjson.extra = {"bytes": nbytes, "server_cpu_s": server.cpu_s() - cpu0}
+                ndjson.extra["bytes"] = nbytes
                 print(f"round {rnd + 1}: ndjson {n:,} rows, {nbytes / 2**20:.0f} MB, {secs:.2f} s")
+                if rnd == 0:
+                    cpu0 = server.cpu_s()
+                    got, _s, t_all, nbytes = http_arrow(client, params, {})
+                    arrow_plain.cpu.append(server.cpu_s() - cpu0)
+                    arrow_plain.seconds.append(t_all)
+                    arrow_plain.rows = got.height
+                    arrow_plain.extra["bytes"] = nbytes
+                    checks.append(
+                        "Arrow without options gave the same frame as with them: "
+                        f"{same_rows(frame, got)}"
+                    )
+                    del got
+                    got, _s = timed(
+                        py_client, server, lambda: python_client(server.port, server.key, SYMBOLS)
+                    )
+                    py_client.rows = got.height
+                    checks.append(
+                        f"The Python client's frame equals raw DuckDB's: {same_rows(frame, got)}"
+                    )
+                    del got
+                del frame
             one = {**params, "symbols": ONE_SYMBOL}
             for _ in range(args.symbol_repeats):
-                got, _t_body, t_all, _n = http_arrow(client, one)
+                cpu0 = server.cpu_s()
+                got, _s, t_all, _n = http_arrow(client, one, ARROW_OPTIONS)
+                sym_http.cpu.append(server.cpu_s() - cpu0)
                 sym_http.rows = got.height
                 sym_http.seconds.append(t_all)
                 frame, secs = raw_duckdb(files, [ONE_SYMBOL])
                 sym_raw.rows = frame.height
                 sym_raw.seconds.append(secs)
+            checks.append(f"{ONE_SYMBOL} over HTTP equals raw DuckDB: {same_rows(frame, got)}")
+            day = {"symbols": ",".join(SYMBOLS[:10]), "start": str(START_NS),
+                   "end": str(START_NS + DAY_NS)}  # fmt: skip
+            checks += third_party_readers(client, day, workdir)
         if not args.no_arctic:
             arctic_out = arctic(files, args.symbol_repeats)
     finally:
@@ -432,8 +536,39 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - started
+    text = report(
+        args, command, version, total, files, disk_mb, rounds, elapsed, top, checks, arctic_out,
+        raw, arrow, arrow_body, arrow_plain, py_client, ndjson, sym_http, sym_raw,
+    )  # fmt: skip
+    print("\n" + text)
+    write_results("history", text, args.quick)
+    return 0
 
+
+def report(
+    args: argparse.Namespace,
+    command: str,
+    version: str,
+    total: int,
+    files: list[str],
+    disk_mb: float,
+    rounds: int,
+    elapsed: float,
+    top: list[str],
+    checks: list[str],
+    arctic_out: dict[str, Any],
+    raw: Measure,
+    arrow: Measure,
+    arrow_body: Measure,
+    arrow_plain: Measure,
+    py_client: Measure,
+    ndjson: Measure,
+    sym_http: Measure,
+    sym_raw: Measure,
+) -> str:
     ratio = arrow.rate / raw.rate if raw.rate else 0.0
+    arctic_read = arctic_out.get("read_s")
+    arctic_s = statistics.median(arctic_read) if arctic_read else float("nan")
     lines = [
         f"# History benchmark, {dt.date.today().isoformat()}",
         "",
@@ -443,88 +578,90 @@ def main() -> int:
         f"- Data: {total:,} ticks, {N_SYMBOLS} symbols, {DAYS} days "
         f"({DAY0.date()} .. {(DAY0 + dt.timedelta(days=DAYS - 1)).date()}), 1 trade : 3 quotes, "
         f"{len(files)} Parquet files ({disk_mb:.0f} MB): {args.files_per_day} per day written by "
-        "`server.store.write_file` (zstd, 128k-row groups, sorted by sym, ts, seq)"
+        "`server.history.store.write_file` (zstd, 128k-row groups, sorted by sym, ts, seq)"
         + (
             ", as written"
             if args.uncompacted
-            else ", then merged by `server.compactor` "
+            else ", then merged by `server.history.compactor` "
             "(default settings) as the recorder does once a day is over"
         )
         + ".",
         "- Everything on this machine over 127.0.0.1: redis-server, `tickpipe web` (uvicorn, one "
         "process), and this client process (httpx). Full-range reads: "
-        f"{rounds} round(s), best shown; one-symbol reads: {args.symbol_repeats}, median shown.",
+        f"{rounds} round(s), best shown; one-symbol reads: {args.symbol_repeats}, median shown. "
+        "Server CPU is the web process's user + system time during the request.",
         f"- Wall time of the measurements: {elapsed:.0f} s.",
         "",
-        "| what | rows | seconds | rows/s | notes |",
-        "|---|---:|---:|---:|---|",
+        "## Against the targets",
+        "",
+        "| read | tickpipe over HTTP | server CPU per M ticks | reference in the same run "
+        "| ratio | target |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| whole range as Arrow, to a decoded frame | {arrow.best:.2f} s ({fmt_rate(arrow.rate)}; "
+        f"{arrow.extra.get('bytes', 0) / 2**20:.0f} MB, "
+        f"{arrow.extra.get('bytes', 0) / max(arrow.rows, 1):.0f} bytes/tick) "
+        f"| {arrow.cpu_per_m:.2f} s | DuckDB in-process -> Arrow -> Polars {raw.best:.2f} s "
+        f"({fmt_rate(raw.rate)}) | **{ratio:.2f}x** | >= {TARGET_ARROW_RATIO}x: "
+        f"{'met' if ratio >= TARGET_ARROW_RATIO else 'NOT met'} |",
+        f"| whole range as NDJSON | {ndjson.best:.2f} s (**{fmt_rate(ndjson.rate)}**; "
+        f"{ndjson.extra.get('bytes', 0) / 2**20:.0f} MB) | {ndjson.cpu_per_m:.2f} s | - | - "
+        f"| >= 1 M/s: {'met' if ndjson.rate >= TARGET_NDJSON else 'NOT met'} |",
+    ]
+    if arctic_read:
+        factor = sym_http.median / arctic_s
+        lines.append(
+            f"| one symbol, 5 days ({sym_http.rows:,} rows) as Arrow | "
+            f"{sym_http.median * 1000:.1f} ms | {sym_http.cpu_per_m:.2f} s | ArcticDB "
+            f"{arctic_out.get('version', '?')} (LMDB) {arctic_s * 1000:.1f} ms; DuckDB in-process "
+            f"{sym_raw.median * 1000:.1f} ms | **{factor:.2f}x** ArcticDB | <= "
+            f"{TARGET_ARCTIC_FACTOR:g}x: {'met' if factor <= TARGET_ARCTIC_FACTOR else 'NOT met'} |"
+        )
+        if arctic_out.get("rows") != sym_http.rows:
+            checks.append(f"ArcticDB returned {arctic_out.get('rows')} rows, HTTP {sym_http.rows}")
+    elif not args.no_arctic:
+        lines.append(
+            f"| one symbol: ArcticDB not measured ({arctic_out.get('error', '?')[:300]}) |"
+        )
+    lines += [
+        "",
+        "## Every measurement",
+        "",
+        "| what | rows | seconds | rows/s | server CPU s | notes |",
+        "|---|---:|---:|---:|---:|---|",
     ]
 
     def row(m: Measure, note: str = "", use_median: bool = False) -> str:
         secs = m.median if use_median else m.best
         rate = m.rows / secs if secs and secs == secs else 0.0
-        return f"| {m.name} | {m.rows:,} | {secs:.3f} | {fmt_rate(rate)} | {note} |"
+        cpu = f"{min(m.cpu):.2f}" if m.cpu else "-"
+        runs = ", ".join(f"{s:.3f}" for s in m.seconds)
+        cells = [m.name, f"{m.rows:,}", f"{secs:.3f}", fmt_rate(rate), cpu, f"{note} runs: {runs}"]
+        return "| " + " | ".join(cells) + " |"
 
-    lines.append(row(raw, "all runs: " + ", ".join(f"{s:.2f}" for s in raw.seconds)))
-    mb = arrow.extra.get("bytes", 0) / 2**20
-    lines.append(
-        row(
-            arrow,
-            f"{mb:.0f} MB; server CPU {arrow.extra.get('server_cpu_s', 0):.1f} s; all runs: "
-            + ", ".join(f"{s:.2f}" for s in arrow.seconds),
-        )
-    )
-    lines.append(row(arrow_body))
-    mb = ndjson.extra.get("bytes", 0) / 2**20
-    lines.append(
-        row(
-            ndjson,
-            f"{mb:.0f} MB, rows = newlines; server CPU {ndjson.extra.get('server_cpu_s', 0):.1f} s"
-            "; all runs: " + ", ".join(f"{s:.2f}" for s in ndjson.seconds),
-        )
-    )
-    lines.append(row(sym_http, "", use_median=True))
-    lines.append(row(sym_raw, "", use_median=True))
-    arctic_read = arctic_out.get("read_s")
+    def mb(m: Measure) -> str:
+        return f"{m.extra.get('bytes', 0) / 2**20:.0f} MB;" if m.extra.get("bytes") else ""
+
+    lines += [
+        row(raw),
+        row(arrow, mb(arrow)),
+        row(arrow_body),
+        row(arrow_plain, mb(arrow_plain)),
+        row(py_client),
+        row(ndjson, mb(ndjson)),
+        row(sym_http, "median;", use_median=True),
+        row(sym_raw, "median;", use_median=True),
+    ]
     if arctic_read:
         lines.append(
             f"| {ONE_SYMBOL} 5 days, ArcticDB {arctic_out.get('version', '?')} LMDB "
-            f"`read(date_range=...)` -> pandas | {arctic_out['rows']:,} | "
-            f"{statistics.median(arctic_read):.3f} | "
-            f"{fmt_rate(arctic_out['rows'] / statistics.median(arctic_read))} | all runs: "
-            + ", ".join(f"{s:.3f}" for s in arctic_read)
+            f"`read(date_range=...)` -> pandas | {arctic_out['rows']:,} | {arctic_s:.4f} | "
+            f"{fmt_rate(arctic_out['rows'] / arctic_s)} | - | median; runs: "
+            + ", ".join(f"{s:.4f}" for s in arctic_read)
             + " |"
         )
-    lines += ["", "## Against the targets", ""]
-    lines.append(
-        f"- Arrow over HTTP {fmt_rate(arrow.rate)} vs raw DuckDB {fmt_rate(raw.rate)}: "
-        f"**{ratio:.2f}x** (target >= {TARGET_ARROW_RATIO}x): "
-        f"{'met' if ratio >= TARGET_ARROW_RATIO else 'NOT met'}"
-    )
-    lines.append(
-        f"- NDJSON over HTTP **{fmt_rate(ndjson.rate)}** (target >= 1 M/s): "
-        f"{'met' if ndjson.rate >= TARGET_NDJSON else 'NOT met'}"
-    )
-    if arctic_read:
-        arctic_s = statistics.median(arctic_read)
-        factor = sym_http.median / arctic_s
-        lines.append(
-            f"- One symbol (5 days, {sym_http.rows:,} rows) as Arrow over HTTP "
-            f"{sym_http.median * 1000:.0f} ms vs ArcticDB {arctic_s * 1000:.0f} ms:"
-            f" **{factor:.2f}x** ArcticDB's time (target within {TARGET_ARCTIC_FACTOR:g}x): "
-            f"{'met' if factor <= TARGET_ARCTIC_FACTOR else 'NOT met'}"
-        )
-        if arctic_out.get("rows") != sym_http.rows:
-            checks.append(f"ArcticDB returned {arctic_out.get('rows')} rows, HTTP {sym_http.rows}")
-    elif not args.no_arctic:
-        lines.append(f"- ArcticDB: not measured ({arctic_out.get('error', '?')[:500]})")
     lines += ["", "## Checks", "", *[f"- {c}" for c in checks]]
-    lines += ["", "## What else was running (`top -bn1 | head -15` just before)", "", "```"]
-    lines += [*top, "```", ""]
-    text = "\n".join(lines)
-    print("\n" + text)
-    write_results("history", text, args.quick)
-    return 0
+    lines += top_section(top)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from server.bus import channel, channel_symbol
-from server.protocol import split_events
+from server.live.bus import Layout, channel_symbol
+from server.wire import split_events
 
 
 class NaiveHub:
@@ -40,7 +40,7 @@ class NaiveHub:
             for sym in syms:
                 if sym not in self.clients:
                     self.clients[sym] = set()
-                    await self.pubsub.subscribe(channel(sym))
+                    await self.pubsub.subscribe(Layout().channel(sym))
                 self.clients[sym].add(ws)
             self._first.set()
 

@@ -14,9 +14,11 @@ import random
 import time
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
-from server.bus import Bus
+from server.config import Settings
+from server.live.bus import Bus, Layout
+from server.live.connection import open_redis
 from server.ticks import Quote, Tick, Trade
 
 
@@ -44,8 +46,11 @@ class Market:
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    redis = Redis.from_url(args.redis_url, socket_timeout=10)
-    bus = Bus(redis, history_per_symbol=args.history)
+    settings = Settings(redis_url=args.redis_url, redis_mode=args.redis_mode)
+    redis = open_redis(settings, socket_timeout=10)
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()  # the slot map, before the first batch's concurrent scripts
+    bus = Bus(redis, history_per_symbol=args.history, layout=Layout.of(settings))
     market = Market(args.symbols.split(","), args.seed)
     interval = args.batch_ms / 1000
     per_batch = args.rate * interval
@@ -104,7 +109,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--redis-url", required=True)
+    p.add_argument("--redis-url", required=True, help="one node, or the seeds of a cluster")
+    p.add_argument("--redis-mode", choices=("standalone", "cluster"), default="standalone")
     p.add_argument("--symbols", required=True, help="comma-separated")
     p.add_argument("--rate", type=float, required=True, help="ticks/s, all symbols together")
     p.add_argument("--batch-ms", type=float, default=10.0)

@@ -6,7 +6,7 @@
 A real redis-server on a free port and the real recorder process (``python -m server.cli
 recorder``, default settings: ``recorder_batch`` 2000 entries, ``recorder_flush_s`` 1 s) over a
 fresh data dir. Log entries are written directly with XADD in the exact format of the publish
-script in ``server/bus.py`` (``e`` = ``SYM=epoch,...``, ``d`` = comma-joined event JSON),
+script in ``server/live/bus.py`` (``e`` = ``SYM=epoch,...``, ``d`` = comma-joined event JSON),
 ``--entry-ticks`` ticks per entry (10 symbols x 10 ticks, 1 trade : 3 quotes), because a feed
 publishing 250,000 ticks/s through the Lua script and the web fan-out cannot run on this
 machine's two cores next to the recorder. Two parts:
@@ -47,11 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import stop_process  # noqa: E402
-from bench.report import code_version, machine, top_lines, write_results  # noqa: E402
+from bench.report import code_version, machine, top_lines, top_section, write_results  # noqa: E402
 from tests.harness import RedisProcess  # noqa: E402
 
 PY = sys.executable
-LOG_KEY = "tp:log"  # server.bus.LOG_KEY, spelled out so the publisher starts fast
+LOG_KEY = "tp:log"  # server.live.bus.LOG_KEY, spelled out so the publisher starts fast
 GROUP = "recorder"
 N_SYMBOLS = 100
 SYMBOLS = [f"SYM{i:02d}" for i in range(N_SYMBOLS)]
@@ -468,8 +468,7 @@ def main() -> int:
             f"(target <= {TARGET_P99_S:g} s): {'met' if ok else 'NOT met'}"
             + (f"; {r['unseen']} entries never seen stored" if r["unseen"] else "")
         )
-    lines += ["", "## What else was running (`top -bn1 | head -15` just before)", "", "```"]
-    lines += [*top, "```", ""]
+    lines += top_section(top)
     text = "\n".join(lines)
     print("\n" + text)
     write_results("recorder", text, args.quick)

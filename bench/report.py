@@ -56,6 +56,12 @@ def top_lines() -> list[str]:
     return ["(top unavailable)"]
 
 
+def top_section(top: list[str]) -> list[str]:
+    """A report's closing section: ``top_lines()`` taken just before the measurement."""
+    return ["", "## What else was running (`top -bn1 | head -15` just before)", "", "```", *top,
+            "```", ""]  # fmt: skip
+
+
 def write_results(name: str, text: str, quick: bool = False) -> Path:
     """Write a report to ``bench/results/`` (quick runs apart, not committed) and say where."""
     out = ROOT / "bench" / "results" / f"{name}-{dt.date.today().isoformat()}.md"

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from server.api.app import create_app as create_tickpipe_app
+from server.app import create_app as create_tickpipe_app
 from server.cli import uvicorn_options
 from server.config import get_settings
 

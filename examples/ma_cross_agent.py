@@ -5,15 +5,18 @@
 It subscribes through the client (which reconnects and resumes by seq on its own), keeps a
 fast and a slow simple moving average of trade prices, and prints BUY when the fast one
 crosses above the slow one and SELL when it crosses below. ``--trades N`` stops after N trades.
+If trades were lost for good (Redis restarted empty, say), the client reports a ``Loss`` and
+goes on; the averages then span a hole, so the agent starts them again (said on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections import deque
 
-from tickpipe import Client
+from tickpipe import Client, Loss
 
 
 async def main() -> None:
@@ -30,8 +33,16 @@ async def main() -> None:
     slow: deque[float] = deque(maxlen=args.slow)
     above: bool | None = None
     seen = 0
+
+    def start_over(loss: Loss) -> None:
+        nonlocal above
+        print(f"lost {loss.reason}: {loss}; averages start again", file=sys.stderr)
+        fast.clear()
+        slow.clear()
+        above = None
+
     async with Client(args.url, args.key) as client:
-        async for tick in client.subscribe([args.symbol], types=["trade"]):
+        async for tick in client.subscribe([args.symbol], types=["trade"], on_loss=start_over):
             seen += 1
             fast.append(tick["price"])
             slow.append(tick["price"])

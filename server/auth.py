@@ -7,7 +7,6 @@ when SQLite's ``data_version`` moves (checked every ``key_refresh_s``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import secrets
 import sqlite3
@@ -15,9 +14,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from server.privacy import private_sqlite
+from server.ticks import is_valid_symbol
 
 SCOPES = ("realtime", "historical", "replay", "admin")
 KEY_PREFIX = "tp_"
@@ -60,8 +60,6 @@ class ApiKey:
     def screen(self, symbols: list[str]) -> tuple[list[str], list[dict[str, str]]]:
         """The symbols this key may ask for, and the others with why not (``invalid_symbol``,
         ``not_entitled``)."""
-        from server.ticks import is_valid_symbol
-
         allowed: list[str] = []
         rejected: list[dict[str, str]] = []
         for sym in symbols:
@@ -86,7 +84,7 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _row_to_key(row: tuple) -> ApiKey:
+def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     kid, name, prefix, scopes, symbols, created, revoked = row
     return ApiKey(
         id=kid,
@@ -103,7 +101,7 @@ class KeyStore:
     """Create, list, revoke and look up API keys. ``lookup`` is an in-memory dict read."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(path)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -145,8 +143,6 @@ class KeyStore:
         self, name: str, scopes: Iterable[str], symbols: Iterable[str] | None = None
     ) -> tuple[str, ApiKey]:
         """A new key: returns the secret (shown once, never stored) and its record."""
-        from server.ticks import is_valid_symbol
-
         name = name.strip()
         if not name or len(name) > 64:
             raise KeyStoreError("a key needs a name of 1-64 characters (--name agent-1)")
@@ -225,57 +221,3 @@ def bearer_token(header: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-
-
-# Connections per key, counted across every web process in Redis: a sorted set of connection ids
-# scored by expiry, refreshed while the connection lives, so a crashed process's entries lapse.
-_ACQUIRE_LUA = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-QUOTA_TTL_MS = 60_000
-
-
-class ConnectionQuota:
-    """At most ``limit`` open WebSockets per key across the deployment.
-
-    If Redis cannot be reached the connection is allowed: live data is down then anyway, and
-    locking every client out would turn a Redis blip into an outage of the auth path too.
-    """
-
-    def __init__(self, redis: Redis, limit: int) -> None:
-        self.redis = redis
-        self.limit = limit
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
-
-    @staticmethod
-    def _key(key_id: str) -> str:
-        return f"tp:conns:{key_id[:32]}"
-
-    async def acquire(self, key_id: str, conn_id: str) -> bool:
-        now = int(time.time() * 1000)
-        try:
-            ok = await self._acquire(
-                keys=[self._key(key_id)], args=[now, QUOTA_TTL_MS, conn_id, self.limit]
-            )
-        except (RedisError, OSError):
-            return True
-        return bool(ok)
-
-    async def refresh(self, held: Iterable[tuple[str, str]]) -> None:
-        expiry = int(time.time() * 1000) + QUOTA_TTL_MS
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id, conn_id in held:
-                    pipe.zadd(self._key(key_id), {conn_id: expiry}, xx=True)
-                    pipe.pexpire(self._key(key_id), QUOTA_TTL_MS)
-                await pipe.execute()
-        except (RedisError, OSError):
-            pass
-
-    async def release(self, key_id: str, conn_id: str) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.zrem(self._key(key_id), conn_id)

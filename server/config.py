@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SYMBOLS = (
@@ -19,9 +19,24 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TICKPIPE_", env_file=".env", extra="ignore")
 
-    # Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis. Unless TICKPIPE_REDIS_URL names one, every process uses the project's own Redis on
+    # redis_port, which `tickpipe redis` (so `make run`) starts with its data under data_dir.
+    redis_port: int = Field(6380, ge=1, le=65535, description="port of tickpipe's own Redis")
+    redis_url: str = Field(
+        default_factory=lambda given: f"redis://127.0.0.1:{given['redis_port']}/0"
+    )
     redis_max_connections: int = Field(64, ge=2, description="per process; bursts wait for one")
+    # A Redis Cluster: TICKPIPE_REDIS_URL names any node, or several seed nodes comma-separated.
+    redis_mode: Literal["standalone", "cluster"] = Field(
+        "standalone", description="standalone: one Redis; cluster: a Redis Cluster (Redis >= 7)"
+    )
+    redis_slot_groups: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="cluster only: symbols are spread over this many hash tags (slots), each "
+        "with its own tickerplant log; fixed for the life of a deployment's Redis data",
+    )
     data_dir: Path = Path("data")
 
     # Web process
@@ -37,6 +52,19 @@ class Settings(BaseSettings):
     feed_batch_ms: int = Field(10, ge=1, le=1000)
     feed_seed: int = 7
     feed_name: str = "sim"
+    # Live venue sources (`tickpipe feed --source NAME`)
+    alpaca_key_id: SecretStr | None = Field(None, description="Alpaca market-data key id")
+    alpaca_secret_key: SecretStr | None = Field(None, description="Alpaca market-data secret")
+    source_backoff_min_s: float = Field(
+        0.5, gt=0, description="first wait before reconnecting to a venue (doubles, jittered)"
+    )
+    source_backoff_max_s: float = Field(30.0, gt=0, description="longest wait between reconnects")
+    source_lifetime_s: float | None = Field(
+        None, gt=0, description="planned reconnect after this long (default: the venue's limit)"
+    )
+    source_silence_s: float | None = Field(
+        None, gt=0, description="reconnect after this long without a message (default: venue's)"
+    )
     history_per_symbol: int = Field(100_000, ge=100, description="events kept per symbol in Redis")
     log_max_batches: int = Field(
         500_000,
@@ -63,7 +91,19 @@ class Settings(BaseSettings):
         1024,
         ge=64,
         description="DuckDB memory for a web process's history queries together; bigger sorts "
-        "spill to <data_dir>/tmp",
+        "spill to <data_dir>/tmp. A raw-tick query whose stretches of overlapping files need "
+        "more than this is answered by DuckDB",
+    )
+    history_merge: bool = Field(
+        True,
+        description="answer raw-tick queries by merging the store's sorted files (false: "
+        "every query in DuckDB SQL, as before the merge existed)",
+    )
+    history_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="recently read symbol slices of stored files a web process keeps decoded, "
+        "for queries of a few symbols (0: none)",
     )
     history_tail_max_batches: int = Field(
         20_000,
@@ -96,7 +136,16 @@ class Settings(BaseSettings):
     max_msgs_per_s: float = Field(20.0, gt=0, description="client messages per second")
     max_conns_per_key: int = Field(100, ge=1)
     slow_close_timeout_s: float = Field(
-        5.0, gt=0, description="how long a closing client gets to take its last error frame"
+        5.0,
+        gt=0,
+        description="how long a closing client gets to take its last error frame and to "
+        "complete the close; then its TCP connection is aborted",
+    )
+    request_head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="how long an HTTP request line and headers may take to arrive complete "
+        "(else 408 and the connection is closed)",
     )
     key_refresh_s: float = Field(1.0, gt=0, le=1.0, description="how often keys are re-read")
     query_log_max: int = Field(
@@ -113,6 +162,29 @@ class Settings(BaseSettings):
     replay_window_rows: int = Field(
         200_000, ge=1000, description="target rows per history query of a replay (bounds memory)"
     )
+    replay_conn_rows: int = Field(
+        400_000,
+        ge=1000,
+        description="rows of stored history the replays of one socket hold together; each of n "
+        "running replays reads windows of 1/n of it (bounds a socket's memory)",
+    )
+
+    # MCP (``/mcp`` and ``tickpipe mcp``)
+    key: str | None = Field(
+        None, description="the API key `tickpipe mcp` (stdio) serves its agent with (TICKPIPE_KEY)"
+    )
+    mcp_throttle_ms: int = Field(
+        1000,
+        ge=50,
+        le=60_000,
+        description="a subscribed MCP client hears about a tick:// resource at most this often",
+    )
+    mcp_max_rows: int = Field(
+        500, ge=10, le=10_000, description="rows an MCP tool answers inline at most (bars, gaps)"
+    )
+    mcp_session_idle_s: float = Field(
+        1800.0, gt=0, description="a 2025-protocol MCP HTTP session with no request this long ends"
+    )
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -120,6 +192,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [s.strip().upper() for s in value.split(",") if s.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> Settings:
+        if self.redis_mode == "cluster" and "redis_url" not in self.model_fields_set:
+            raise ValueError(
+                "TICKPIPE_REDIS_MODE=cluster needs TICKPIPE_REDIS_URL: any node of the cluster "
+                "(redis://host:port) or several seed nodes, comma-separated"
+            )
+        if self.redis_mode == "standalone" and "," in self.redis_url:
+            raise ValueError(
+                "TICKPIPE_REDIS_URL lists several nodes; set TICKPIPE_REDIS_MODE=cluster for a "
+                "Redis Cluster, or give one redis:// URL"
+            )
+        return self
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis_mode == "cluster"
+
+    @property
+    def own_redis(self) -> bool:
+        """True when the processes use tickpipe's own Redis (TICKPIPE_REDIS_URL not given)."""
+        return "redis_url" not in self.model_fields_set
 
     @property
     def base_url(self) -> str:

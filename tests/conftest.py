@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import RedisCluster
 from tests.harness import Stack
 
 
@@ -32,3 +33,12 @@ def own_stack(tmp_path: Path) -> Iterator[type[Stack]]:
     yield make  # type: ignore[misc]
     for s in made:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real Redis Cluster, 3 masters + 3 replicas on free loopback ports, for the tests of a
+    module (or session) that ask for it; ``Stack(dir, cluster=redis_cluster)`` runs on it."""
+    c = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield c
+    c.stop()

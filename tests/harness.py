@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+# How long a process may take to start listening (or a feed to publish): the wait ends as soon
+# as it does; on two cores shared with other test workers, importing Polars, DuckDB and the MCP
+# SDK alone can take tens of seconds of wall time.
+START_S = 60.0
+
+
+def wait_port(port: int, timeout: float = START_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -47,12 +54,16 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 class RedisProcess:
-    """A throwaway redis-server; ``kill`` and ``start`` again to simulate an outage."""
+    """A throwaway redis-server; ``kill`` and ``start`` again to simulate an outage.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ``persist``: an append-only file fsynced on every write (as ``tickpipe redis`` runs it), so
+    a restart after a kill comes back with its data; otherwise it comes back empty."""
+
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
         self.port = port or free_port()
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,9 +71,11 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else [
+            "--appendonly", "no"]  # fmt: skip
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "log")],
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
+             "--dir", str(self.dir), "--logfile", str(self.dir / "log")],
         )  # fmt: skip
         wait_port(self.port)
 
@@ -114,13 +127,26 @@ class Stack:
     """Redis + web (+ feed) with their own settings; ``settings`` are TICKPIPE_* overrides."""
 
     def __init__(
-        self, workdir: Path, feed: bool = True, recorder: bool = False, **settings: Any
+        self,
+        workdir: Path,
+        feed: bool = True,
+        recorder: bool = False,
+        redis_persist: bool = False,
+        cluster: Any = None,
+        **settings: Any,
     ) -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
-        self.redis = RedisProcess(workdir)
+        # ``cluster``: a running ``tests.cluster.RedisCluster`` the stack uses (and leaves
+        # running) instead of a Redis of its own.
+        self.cluster = cluster
+        self.redis = (
+            cluster if cluster is not None else RedisProcess(workdir, persist=redis_persist)
+        )
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
+        if cluster is not None:
+            env["TICKPIPE_REDIS_MODE"] = "cluster"
         env.update(
             TICKPIPE_REDIS_URL=self.redis.url,
             TICKPIPE_DATA_DIR=str(self.data_dir),
@@ -147,16 +173,41 @@ class Stack:
 
     def start_web(self) -> None:
         self.web.start()
-        wait_port(self.port, 20)
+        wait_port(self.port)
+
+    def other_web(self, name: str = "web2", **settings: Any) -> tuple[Proc, int]:
+        """Another ``tickpipe web`` process of this deployment (same Redis, same data dir) on a
+        free port, started: as a second host behind a load balancer would run it. The caller
+        stops it."""
+        port = free_port()
+        env = {**self.env, "TICKPIPE_PORT": str(port)}
+        env.update({f"TICKPIPE_{k.upper()}": str(v) for k, v in settings.items()})
+        proc = Proc(["web"], env, self.workdir / f"{name}.log")
+        proc.start()
+        try:
+            wait_port(port)
+        except TimeoutError:
+            proc.stop()  # not left running for the rest of the session
+            raise
+        return proc, port
 
     def start(self) -> Stack:
-        self.redis.start()
-        self.start_web()
-        if self.recorder is not None:
-            self.recorder.start()
-        if self.feed is not None:
-            self.feed.start()
-            self.wait_for_ticks()
+        """Start every process and wait until each is up; if one is not, stop what started
+        (a fixture whose set-up fails never reaches its teardown) and raise."""
+        try:
+            if self.cluster is None:
+                self.redis.start()
+            self.start_web()
+            if self.recorder is not None:
+                self.recorder.start()
+            if self.feed is not None:
+                self.feed.start()
+                self.wait_for_ticks()
+            if self.recorder is not None:
+                self.wait_for_recorder()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -165,23 +216,40 @@ class Stack:
         if self.recorder is not None:
             self.recorder.stop()
         self.web.stop()
-        self.redis.kill()
+        if self.cluster is None:
+            self.redis.kill()
         if self._keys is not None:
             self._keys.close()
 
-    def wait_for_ticks(self, timeout: float = 10.0) -> None:
-        import redis
+    def _wait_for_key(self, what: str, key_of: Callable[[Any], str], timeout: float) -> None:
+        """Poll until the key ``key_of(layout)`` exists in this stack's Redis."""
+        from server.config import Settings
+        from server.live.bus import Layout
+        from server.live.connection import open_sync_redis
 
-        r = redis.Redis.from_url(self.redis.url)
+        settings = Settings(
+            redis_url=self.redis.url, redis_mode="cluster" if self.cluster else "standalone"
+        )
+        r = open_sync_redis(settings)
+        key = key_of(Layout.of(settings))
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                if r.hget("tp:sym:AAPL", "seq"):
+                if r.exists(key):
                     return
                 time.sleep(0.05)
         finally:
             r.close()
-        raise TimeoutError("the feed published nothing")
+        raise TimeoutError(what)
+
+    def wait_for_ticks(self, timeout: float = START_S) -> None:
+        self._wait_for_key("the feed published nothing", lambda lay: lay.sym_key("AAPL"), timeout)
+
+    def wait_for_recorder(self, timeout: float = START_S) -> None:
+        """Until the recorder's first heartbeat: a slow machine can take seconds to start it."""
+        from server.live.bus import RECORDER_KEY
+
+        self._wait_for_key("the recorder sent no heartbeat", lambda _: RECORDER_KEY, timeout)
 
     @property
     def keys(self) -> KeyStore:
@@ -274,15 +342,34 @@ async def close_code(ws: ClientConnection, timeout: float = 5.0) -> tuple[int | 
     return ws.close_code, seen
 
 
+async def recorded_for(stack: Stack, seconds: float, timeout: float = 60.0) -> None:
+    """Wait until the store holds AAPL ticks at least ``seconds`` old (needs the recorder)."""
+    from tickpipe import Client
+
+    deadline = time.monotonic() + timeout
+    async with Client(
+        stack.base, stack.key(f"recorded-{time.monotonic_ns()}", ["historical"])
+    ) as c:
+        while True:
+            now = time.time_ns()
+            frame = await c.history(["AAPL"], now - 3600 * 10**9, now)
+            if frame.height and now - frame["ts"].dt.epoch("ns").min() >= seconds * 1e9:
+                return
+            assert time.monotonic() < deadline, f"no AAPL tick {seconds} s old stored"
+            await asyncio.sleep(0.5)
+
+
 def write_history(
     root: Path, rows: list[tuple], first_id: str = "1-0", last_id: str = "1-9"
 ) -> Path:
-    """A hand-written history file in the recorder's layout (rows in ``SCHEMA`` order, ts in ns)."""
+    """A hand-written history file in the recorder's layout (rows in ``STORED_SCHEMA`` order, ts
+    in ns)."""
     import polars as pl
 
-    from server.store import SCHEMA, write_file
+    from server.history.store import write_file
+    from server.ticks import STORED_SCHEMA
 
-    frame = pl.DataFrame(rows, schema={**SCHEMA, "ts": pl.Int64()}, orient="row")
+    frame = pl.DataFrame(rows, schema={**STORED_SCHEMA, "ts": pl.Int64()}, orient="row")
     frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC")))
     return write_file(root, frame, first_id, last_id)
 
@@ -294,3 +381,47 @@ def corrupt_history_file(root: Path, day: str = "2026-01-05") -> Path:
     bad = part / "3-0_3-9.parquet"
     bad.write_bytes(b"PAR1" + b"\x00garbage" * 50 + b"PAR1")
     return bad
+
+
+async def eventually(
+    probe: Callable[[], Any],
+    done: Callable[[Any], bool] = bool,
+    timeout: float = 10.0,
+    every: float = 0.1,
+    what: str = "",
+) -> Any:
+    """Poll ``probe`` (a function, or a coroutine function) every ``every`` s until ``done``
+    holds for what it returns (by default: until it is truthy), and return that; on timeout the
+    test fails saying ``what`` it waited for and showing the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if done(value):
+            return value
+        _not_yet(deadline, value, timeout, what)
+        await asyncio.sleep(every)
+
+
+def eventually_sync(
+    probe: Callable[[], Any],
+    done: Callable[[Any], bool] = bool,
+    timeout: float = 10.0,
+    every: float = 0.1,
+    what: str = "",
+) -> Any:
+    """``eventually`` for a test that is not async."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        _not_yet(deadline, value, timeout, what)
+        time.sleep(every)
+
+
+def _not_yet(deadline: float, value: Any, timeout: float, what: str) -> None:
+    assert time.monotonic() < deadline, (
+        f"{what or 'the condition'} not met after {timeout}s; last: {repr(value)[-500:]}"
+    )

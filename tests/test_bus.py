@@ -9,7 +9,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from server.bus import Bus, channel
+from server.live.bus import Bus, Layout, encode_upstream_gap
 from server.ticks import Quote, Trade
 from tests.harness import RedisProcess
 
@@ -47,7 +47,7 @@ async def test_seq_is_contiguous_per_symbol_across_trades_and_quotes(bus: Bus) -
 
 async def test_published_message_is_ready_to_wrap_in_a_frame(bus: Bus) -> None:
     pubsub = bus.redis.pubsub()
-    await pubsub.subscribe(channel("AAPL"))
+    await pubsub.subscribe(Layout().channel("AAPL"))
     await pubsub.get_message(timeout=1)
     await bus.publish([trade("AAPL", 1, side="buy"), quote("AAPL", 2)])
     msg = None
@@ -110,3 +110,17 @@ async def test_concurrent_publishers_never_share_a_seq(bus: Bus) -> None:
 
     await asyncio.gather(*(publisher(1000 * p) for p in range(4)))
     assert (await bus.seq_states(["AAPL"]))["AAPL"].seq == 400
+
+
+async def test_a_batch_sent_again_under_its_id_is_answered_not_applied_twice(bus: Bus) -> None:
+    bus.publisher = "sim"
+    batch = [trade("AAPL", 1), quote("MSFT", 2), trade("AAPL", 3)]
+    gaps = {id(batch[2]): [encode_upstream_gap("BINANCE", 7, 8, T0)]}  # AAPL's args run longer
+    first = await bus.publish_group(batch, gaps, batch="run.1")
+    again = await bus.publish_group(batch, gaps, batch="run.1")
+    assert again == first and first["AAPL"].seq == 2 and first["MSFT"].seq == 1
+    assert await bus.redis.xlen("tp:log") == 1
+    assert len(await bus.history("AAPL", 0)) == 1
+    other = await bus.publish_group(batch, batch="run.2")  # a new batch: applied
+    assert other["AAPL"].seq == 4
+    assert (await Bus(bus.redis).publish_group(batch))["AAPL"].seq == 6  # no id: always applied

@@ -9,14 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import polars as pl
 import pytest
 import redis
 
-from tests.harness import ROOT, Stack, write_history
+from examples.backtest_replay import SETTLE_S
+from tests.harness import ROOT, Stack, recorded_for, write_history
 from tests.test_replay import END, ROWS, SYMS, T0
-from tickpipe import Client, SyncClient
+from tickpipe import Client, Loss, SyncClient
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,129 @@ async def test_subscribe_recovers_the_ticks_redis_pubsub_dropped(full: Stack) ->
     assert_gap_free(seen)
 
 
+def _restart_redis_empty(stack: Stack) -> None:
+    """SIGKILL Redis and start it again with nothing in it (no persistence): every symbol's
+    sequence restarts at seq 1 in a new epoch."""
+    stack.redis.kill()
+    time.sleep(1.0)
+    stack.redis.start()
+
+
+async def test_subscribe_goes_on_in_the_new_epoch_after_redis_restarts_empty(
+    tmp_path: Path,
+) -> None:
+    """The iterator does not raise: it reports the loss (``on_loss`` and ``losses``, before
+    the next tick of that symbol) and continues with the new epoch from its first seq."""
+    s = Stack(tmp_path).start()
+    syms = ["AAPL", "MSFT"]
+    reported: list[Loss] = []
+    old: dict[str, list[int]] = {x: [] for x in syms}
+    new: dict[str, list[int]] = {x: [] for x in syms}
+    try:
+        async with Client(s.base, s.key("agent", ["realtime"])) as c:
+            sub = c.subscribe(syms, on_loss=reported.append)
+            async for tick in sub:
+                lost = any(loss.sym == tick["sym"] for loss in reported)
+                (new if lost else old)[tick["sym"]].append(tick["seq"])
+                if sum(map(len, old.values())) == 40 and not reported:
+                    before = dict(sub.epochs)
+                    await asyncio.to_thread(_restart_redis_empty, s)
+                if min(len(v) for v in new.values()) >= 30:
+                    break
+        assert s.web.proc.poll() is None and s.feed.proc.poll() is None
+    finally:
+        s.stop()
+    assert sub.losses == reported
+    assert sorted(loss.sym for loss in reported) == syms  # one loss per symbol
+    for loss in reported:
+        assert loss.reason == "epoch_changed" and loss.epoch == before[loss.sym]
+        assert loss.next_epoch == sub.epochs[loss.sym] != loss.epoch
+        assert loss.from_seq == old[loss.sym][-1] + 1 and loss.to_seq is None
+    for x in syms:
+        assert old[x] == list(range(old[x][0], old[x][0] + len(old[x])))
+        assert new[x] == list(range(1, len(new[x]) + 1))  # the whole new epoch, in order
+
+
+async def test_subscribe_waits_for_symbols_the_feed_has_not_published_since_redis_restarted_empty(
+    tmp_path: Path,
+) -> None:
+    """Redis restarts empty and the feed comes back publishing AAPL only: the server answers
+    the resume of MSFT with ``unknown_symbol`` (nothing publishes it now). For a symbol the
+    stream had, that passes: AAPL streams on in its new epoch while MSFT is asked for again,
+    and when MSFT is published again its loss is reported and it goes on, nothing raised."""
+    s = Stack(tmp_path).start()
+    both = s.feed.env
+    reported: list[Loss] = []
+    seen: list[dict] = []
+    at: dict[str, int] = {}  # how many ticks had been seen when each symbol's loss came
+
+    def lost(loss: Loss) -> None:
+        reported.append(loss)
+        at[loss.sym] = len(seen)
+
+    def redis_back_empty_with_aapl_only() -> None:
+        s.feed.stop()
+        _restart_redis_empty(s)
+        s.feed.env = {**both, "TICKPIPE_SYMBOLS": "AAPL"}
+        s.feed.start()
+
+    def msft_back() -> None:
+        s.feed.stop()
+        s.feed.env = both
+        s.feed.start()
+
+    try:
+        async with Client(s.base, s.key("agent", ["realtime"])) as c:
+            sub = c.subscribe(["AAPL", "MSFT"], on_loss=lost)
+            async for tick in sub:
+                seen.append(tick)
+                if len(seen) == 40:
+                    await asyncio.to_thread(redis_back_empty_with_aapl_only)
+                if "AAPL" in at and len(seen) == at["AAPL"] + 30:
+                    aapl_only = {t["sym"] for t in seen[at["AAPL"] :]}
+                    await asyncio.to_thread(msft_back)
+                if "MSFT" in at and len(seen) >= at["MSFT"] + 30:
+                    break
+    finally:
+        s.stop()
+    assert aapl_only == {"AAPL"}  # AAPL streamed in its new epoch while MSFT was unknown
+    assert [loss.sym for loss in reported] == ["AAPL", "MSFT"]
+    assert all(loss.reason == "epoch_changed" for loss in reported)
+    for sym in ("AAPL", "MSFT"):
+        after = [t["seq"] for t in seen[at[sym] :] if t["sym"] == sym]
+        assert after and after == list(range(1, len(after) + 1))  # the new epoch from seq 1
+
+
+@pytest.mark.slow
+async def test_subscribe_reports_events_no_longer_kept_and_goes_on(tmp_path: Path) -> None:
+    """No recorder, about 100 recent events per symbol in Redis and 1,000 batches (10 s) in the
+    tickerplant log: after the web process was down for 14 s, the missed events are gone. The
+    stream reports exactly which and goes on from the first event still kept."""
+    s = Stack(tmp_path, history_per_symbol=100, log_max_batches=1000).start()
+    reported: list[tuple[int, Loss]] = []  # (ticks seen when it was reported, the loss)
+    seen: list[int] = []
+    try:
+        async with Client(s.base, s.key("away", ["realtime"])) as c:
+            on_loss = lambda loss: reported.append((len(seen), loss))  # noqa: E731
+            async for tick in c.subscribe(["AAPL"], on_loss=on_loss):
+                seen.append(tick["seq"])
+                if len(seen) == 20:
+                    s.web.stop(signal.SIGKILL)
+                    await asyncio.sleep(14)
+                    await asyncio.to_thread(s.start_web)
+                if reported and len(seen) > reported[0][0] + 40:
+                    break
+    finally:
+        s.stop()
+    ((at, loss),) = reported
+    assert loss.reason == "too_old" and loss.sym == "AAPL" and loss.epoch == loss.next_epoch
+    assert loss.from_seq == seen[at - 1] + 1 and loss.missing > 0
+    assert seen[at] == loss.to_seq + 1  # the first event still kept comes next
+    before, after = seen[:at], seen[at:]
+    assert before == list(range(before[0], before[0] + len(before)))
+    assert after == list(range(after[0], after[0] + len(after)))
+
+
 async def test_replay_resumes_after_a_killed_web_process_to_an_identical_fingerprint(
     full: Stack,
 ) -> None:
@@ -134,18 +259,47 @@ def test_sync_client_for_notebooks(full: Stack) -> None:
     assert len(got) == frame.height > 0
 
 
-def _run_example(stack: Stack, *args: str) -> str:
-    out = subprocess.run(
+def _example(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, *args, "--url", stack.base, "--key", _key(stack)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert out.returncode == 0, out.stderr
+
+
+def _run_example(stack: Stack, *args: str) -> str:
+    out = _example(stack, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
 
+@pytest.mark.slow
+async def test_backtest_replays_a_recorded_range_by_default_and_matches(full: Stack) -> None:
+    await recorded_for(full, SETTLE_S + 3)
+    out = await asyncio.to_thread(_example, full, "examples/backtest_replay.py")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == "MATCH"
+    replayed = int(out.stdout.split("replayed ")[1].split()[0])
+    assert replayed > 0
+
+
+@pytest.mark.slow
+async def test_backtest_exits_non_zero_on_mismatch_and_says_why(full: Stack) -> None:
+    assert full.recorder is not None
+    full.recorder.stop()  # ticks keep coming; the store stops growing
+    try:
+        await asyncio.sleep(SETTLE_S + 3)  # the default range now ends after the recorder stopped
+        out = await asyncio.to_thread(_example, full, "examples/backtest_replay.py")
+    finally:
+        full.recorder.start()
+    assert out.returncode == 1, out.stdout + out.stderr
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("MISMATCH: the server counts") and "not recorded yet" in last, last
+
+
+@pytest.mark.slow
 def test_examples_run_against_a_real_server(full: Stack) -> None:
     agent = _run_example(
         full, "examples/ma_cross_agent.py", "--symbol", "AAPL", "--trades", "40", "--fast", "3",

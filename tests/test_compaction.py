@@ -10,10 +10,11 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from server.compactor import Compactor
 from server.config import Settings
-from server.history import HistoryQuery, HistoryReader
-from server.store import SCHEMA, scan, write_file
+from server.history.compactor import Compactor
+from server.history.query import HistoryQuery, HistoryReader, Source
+from server.history.store import scan, write_file
+from server.ticks import STORED_SCHEMA
 
 DAY0 = int(dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()) * 10**9
 SEC = 10**9
@@ -21,11 +22,11 @@ SEC = 10**9
 
 def _ticks(sym: str, first_seq: int, n: int, t0: int) -> pl.DataFrame:
     rows = [
-        {**dict.fromkeys(SCHEMA), "sym": sym, "type": "trade", "ts": t0 + i * 1000,
+        {**dict.fromkeys(STORED_SCHEMA), "sym": sym, "type": "trade", "ts": t0 + i * 1000,
          "epoch": 1, "seq": first_seq + i, "price": 100.0 + i, "size": 1.0}
         for i in range(n)
     ]  # fmt: skip
-    frame = pl.DataFrame(rows, schema={**SCHEMA, "ts": pl.Int64()})
+    frame = pl.DataFrame(rows, schema={**STORED_SCHEMA, "ts": pl.Int64()})
     return frame.with_columns(pl.col("ts").cast(pl.Datetime("ns", "UTC")))
 
 
@@ -45,7 +46,7 @@ def _compactor(root: Path, **kw: object) -> Compactor:
 
 def _read_all(root: Path) -> pl.DataFrame:
     q = HistoryQuery(["AAA", "BBB"], DAY0 - SEC, time.time_ns() + 2 * 86_400 * SEC)
-    reader = HistoryReader(root, q)
+    reader = HistoryReader(Source.of(root, 256), q)
     try:
         return pl.concat(list(reader.chunks()))
     finally:
@@ -64,7 +65,7 @@ def test_small_files_of_a_finished_day_are_merged_into_one_sorted_file(tmp_path:
     after = _read_all(root)
     assert after.equals(before) and after.height == 200
     merged = pl.read_parquet(made[0])
-    assert merged.schema == pl.Schema(SCHEMA)
+    assert merged.schema == pl.Schema(STORED_SCHEMA)
     assert merged.select("sym", "ts", "seq").equals(merged.sort("sym", "ts", "seq").select(
         "sym", "ts", "seq"))  # fmt: skip
 
@@ -149,3 +150,25 @@ def test_a_merge_that_cannot_be_written_leaves_the_small_files(tmp_path: Path) -
     snap = scan(root)
     assert len(snap.files) == 5 and not snap.covered
     assert _read_all(root).height == 50
+
+
+def test_files_of_several_logs_are_merged_per_log_and_each_keeps_its_high_water(
+    tmp_path: Path,
+) -> None:
+    """A Redis Cluster's recorder writes one series of files per slot group's log, with ids of
+    that log only: ids of different logs interleave, so a file of one log must never cover (or
+    be merged with) another's."""
+    root = tmp_path / "history"
+    for k in range(12):
+        for log, sym, first_ms in (("g1", "AAA", 1000), ("g7", "BBB", 1003)):
+            frame = _ticks(sym, k * 5 + 1, 5, DAY0 + k * SEC)
+            write_file(root, frame, f"{first_ms + k}-0", f"{first_ms + k}-9", log=log)
+    snap = scan(root)
+    assert snap.high_waters == {"g1": (1011, 9), "g7": (1014, 9)} and not snap.covered
+    before = _read_all(root)
+    made = _compactor(root).run_once()
+    assert sorted(p.name.partition("~")[0] for p in made) == ["g1", "g7"]
+    after = scan(root)
+    assert after.high_waters == snap.high_waters
+    assert sorted(f.path.name for f in after.files) == sorted(p.name for p in made)
+    assert _read_all(root).sort(["sym", "seq"]).equals(before.sort(["sym", "seq"]))

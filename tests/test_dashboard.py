@@ -4,6 +4,7 @@ real web server, Redis, feed and recorder. Screenshots land in ``test-artifacts/
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import psutil
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from server.config import DEFAULT_SYMBOLS
 from tests.harness import ROOT, Stack
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,8 +47,19 @@ def dash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s.stop()
 
 
-async def open_dashboard(browser: Browser, stack: Stack, key: str, scheme: str = "dark") -> Page:
-    page = await browser.new_page(viewport=VIEWPORT, color_scheme=scheme)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def make_run_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Every process, and the 20 symbols `make run` publishes: the symbol table is taller than
+    the chart, as a user sees it."""
+    s = Stack(tmp_path_factory.mktemp("dash20"), recorder=True, symbols=DEFAULT_SYMBOLS).start()
+    yield s
+    s.stop()
+
+
+async def open_dashboard(
+    browser: Browser, stack: Stack, key: str, scheme: str = "dark", viewport: dict = VIEWPORT
+) -> Page:
+    page = await browser.new_page(viewport=viewport, color_scheme=scheme)  # type: ignore[arg-type]
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.errors = errors  # type: ignore[attr-defined]
@@ -147,6 +160,7 @@ async def test_non_admin_key_sees_live_samples_but_no_service_status(
         await page.close()
 
 
+@pytest.mark.slow
 async def test_page_and_server_memory_stay_bounded_under_fast_updates(
     browser: Browser, dash_stack: Stack
 ) -> None:
@@ -211,6 +225,37 @@ async def test_stopping_the_feed_turns_its_tile_down_and_its_symbols_stale(
         await page.close()
 
 
+async def test_every_web_process_has_a_tile_and_a_killed_one_turns_down(
+    browser: Browser, own_stack: type[Stack]
+) -> None:
+    """Two uvicorn workers on the stack's port and a separate web process on another port
+    (as on a second host): three web tiles, whichever process the page is connected to."""
+    s = own_stack(web_workers=2)
+    other, _ = s.other_web(web_workers=1)
+    assert other.proc is not None
+    killed = f".tile[data-id^='web:'][data-id$=':{other.proc.pid}']"
+    key = s.key("ops", ("admin", "realtime"))
+    page = await open_dashboard(browser, s, key)
+    try:
+        await page.wait_for_function(
+            "document.querySelectorAll(\".tile[data-id^='web:'][data-state='up']\").length === 3",
+            timeout=10000,
+        )
+        await page.wait_for_selector(killed + "[data-state='up']")
+        other.stop(signal.SIGKILL)
+        await page.wait_for_selector(killed + "[data-state='down']", timeout=10000)
+        ups = await page.eval_on_selector_all(
+            ".tile[data-id^='web:'][data-state='up']", "t => t.length"
+        )
+        assert ups == 2
+        await page.screenshot(path=ARTIFACTS / "dashboard-three-web-processes.png")
+        assert not page.errors  # type: ignore[attr-defined]
+    finally:
+        other.stop()
+        await page.close()
+
+
+@pytest.mark.slow
 async def test_stopping_redis_turns_its_tile_red_then_the_page_recovers(
     browser: Browser, own_stack: type[Stack]
 ) -> None:
@@ -268,5 +313,151 @@ async def test_revoked_key_logs_the_page_out(browser: Browser, own_stack: type[S
         assert await page.evaluate("sessionStorage.getItem('tickpipe-key')") is None
         await asyncio.sleep(1.5)  # it does not try to reconnect with the revoked key
         assert await page.text_content("#conn") == "logged out"
+    finally:
+        await page.close()
+
+
+SIZES = [(1440, 900), (1100, 800), (900, 700)]  # two columns, and the narrow one-column layout
+
+
+async def boxes(page: Page, selector: str) -> list[dict[str, float]]:
+    return await page.eval_on_selector_all(
+        selector,
+        "els => els.map(e => { const r = e.getBoundingClientRect(); "
+        "return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; })",
+    )
+
+
+async def content_box(page: Page, selector: str) -> dict[str, float]:
+    """The box inside the border and padding: what a child may fill."""
+    return await page.eval_on_selector(
+        selector,
+        """e => { const r = e.getBoundingClientRect(), s = getComputedStyle(e);
+        const px = (p) => parseFloat(s[p]);
+        return {left: r.left + px('borderLeftWidth') + px('paddingLeft'),
+                right: r.right - px('borderRightWidth') - px('paddingRight'),
+                top: r.top + px('borderTopWidth') + px('paddingTop'),
+                bottom: r.bottom - px('borderBottomWidth') - px('paddingBottom')}; }""",
+    )
+
+
+async def open_at(browser: Browser, stack: Stack, key: str, size: tuple[int, int]) -> Page:
+    page = await open_dashboard(browser, stack, key, viewport={"width": size[0], "height": size[1]})
+    await page.wait_for_function("document.querySelectorAll('.tile').length >= 4", timeout=10000)
+    await page.wait_for_function("tickpipe.chartPoints() >= 2", timeout=10000)
+    await asyncio.sleep(0.3)  # a layout pass after the last tile and the chart's resize
+    return page
+
+
+async def test_tiles_use_the_whole_width_of_every_row(
+    browser: Browser, make_run_stack: Stack
+) -> None:
+    key = make_run_stack.key("ops-tile-rows", ("admin", "realtime"))
+    for size in SIZES:
+        page = await open_at(browser, make_run_stack, key, size)
+        try:
+            row = (await boxes(page, "#tiles"))[0]
+            tiles = await boxes(page, ".tile")
+            for top in {t["top"] for t in tiles}:
+                line = sorted((t for t in tiles if t["top"] == top), key=lambda t: t["left"])
+                assert abs(line[0]["left"] - row["left"]) <= 1, (size, line, row)
+                assert abs(line[-1]["right"] - row["right"]) <= 1, (size, line, row)
+            widths = {round(t["right"] - t["left"]) for t in tiles}
+            assert max(widths) - min(widths) <= 2, f"{size}: tiles of unequal widths {widths}"
+        finally:
+            await page.close()
+
+
+async def test_chart_fills_its_panel(browser: Browser, make_run_stack: Stack) -> None:
+    key = make_run_stack.key("ops-chart-fill", ("admin", "realtime"))
+    for size in SIZES:
+        page = await open_at(browser, make_run_stack, key, size)
+        try:
+            panel = await content_box(page, "#chart-panel")
+            chart = (await boxes(page, "#chart"))[0]
+            drawn = (await boxes(page, "#chart .tv-lightweight-charts"))[0]
+            assert (
+                abs(chart["left"] - panel["left"]) <= 1
+                and abs(chart["right"] - panel["right"]) <= 1
+            )
+            assert abs(chart["bottom"] - panel["bottom"]) <= 1, f"{size}: {chart} in {panel}"
+            for side in ("left", "top", "right", "bottom"):  # the canvas follows its box
+                assert abs(drawn[side] - chart[side]) <= 1, (size, side, drawn, chart)
+        finally:
+            await page.close()
+
+
+# Text pixels in the two outermost columns of the time axis' label band, per axis canvas: a label
+# there is cut by the chart's edge (the part beyond it is never drawn).
+CUT_LABELS = """() => {
+  const row = [...document.querySelectorAll('#chart table tr')].at(-1);
+  return [...row.querySelectorAll('canvas')].filter((c) => c.width && c.height).map((c) => {
+    const w = c.width, h = c.height, d = c.getContext('2d').getImageData(0, 0, w, h).data;
+    const bg = (h - 1) * w * 4;
+    let hits = 0;
+    for (let y = Math.floor(h * 0.35); y < h; y++) for (const x of [0, 1, w - 2, w - 1]) {
+      const i = (y * w + x) * 4;
+      let diff = 0;
+      for (let k = 0; k < 3; k++) diff += Math.abs(d[i + k] - d[bg + k]);
+      if (d[i + 3] && diff > 120) hits++;
+    }
+    return hits;
+  });
+}"""
+
+
+async def test_time_axis_labels_are_not_cut_by_the_chart_edge(
+    browser: Browser, make_run_stack: Stack
+) -> None:
+    key = make_run_stack.key("ops-axis", ("admin", "realtime"))
+    page = await open_at(browser, make_run_stack, key, SIZES[0])
+    try:
+        # The first points are where a label sat on the right edge, half of it cut off.
+        await page.click("#symbols tr[data-sym='MSFT']")
+        await page.wait_for_function("tickpipe.chartPoints() >= 2", timeout=10000)
+        for _ in range(40):
+            cut = await page.evaluate(CUT_LABELS)
+            if any(cut):
+                await page.screenshot(path=ARTIFACTS / "dashboard-axis-label-cut.png")
+            assert not any(cut), f"a time label is cut at the chart's edge: {cut}"
+            await asyncio.sleep(0.25)
+    finally:
+        await page.close()
+
+
+async def test_errors_of_a_rejected_key_are_cleared_by_a_successful_login(
+    browser: Browser, dash_stack: Stack
+) -> None:
+    page = await open_dashboard(browser, dash_stack, "tp_not-a-key")
+    try:
+        await page.wait_for_selector("#login-error:has-text('key rejected')", timeout=5000)
+        await page.fill("#key", dash_stack.key("ops-second-try", ("admin", "realtime")))
+        await page.click("#login button[type=submit]")
+        await page.wait_for_selector("#conn:text-is('live')", timeout=5000)
+        await tile_state(page, "redis", "up")
+        errors = await page.eval_on_selector_all("#errors li", "lis => lis.map(l => l.textContent)")
+        assert not [e for e in errors if "unauthorized" in e or "rejected" in e], errors
+        assert await page.text_content("#login-error") == ""
+    finally:
+        await page.close()
+
+
+async def test_recorder_tile_says_idle_not_a_growing_lag_when_the_feed_stops(
+    browser: Browser, own_stack: type[Stack]
+) -> None:
+    s = own_stack(recorder=True)
+    page = await open_dashboard(browser, s, s.key("ops", ("admin", "realtime")))
+    tile = ".tile[data-id='recorder']"
+    try:
+        await tile_state(page, "recorder", "up")
+        assert s.feed is not None
+        s.feed.stop()
+        await page.wait_for_selector(f"{tile} .reason:has-text('idle')", timeout=10000)
+        lag = f"{tile} dt:text-is('lag') + dd"
+        first = await page.text_content(lag)
+        await asyncio.sleep(2.5)
+        assert await page.text_content(lag) == first == "0.0 s"
+        assert await page.get_attribute(tile, "data-state") == "up"
+        assert "idle" in (await page.text_content(f"{tile} .reason") or "")
     finally:
         await page.close()

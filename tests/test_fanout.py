@@ -10,10 +10,11 @@ import time
 
 import orjson
 import psutil
+import pytest
 import redis
 import websockets
 
-from server.protocol import CloseCode
+from server.wire import CloseCode
 from tests.harness import Stack, next_event, recv_events, send
 
 
@@ -25,6 +26,8 @@ def redis_seq(stack: Stack, sym: str) -> int:
         r.close()
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 async def test_1000_clients_subscribing_at_once_all_receive_every_tick(own_stack) -> None:
     s: Stack = own_stack(
         symbols="AAPL,MSFT", feed_rate=40, feed_batch_ms=100, max_conns_per_key=5000
@@ -66,6 +69,7 @@ def tiny_socket(port: int) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 async def test_client_that_stops_reading_is_closed_as_slow_consumer_4008(own_stack) -> None:
     s: Stack = own_stack(
         feed_rate=5000, max_buffer_bytes=200_000, conflate_bytes=50_000, slow_close_timeout_s=30
@@ -94,12 +98,14 @@ async def test_client_that_stops_reading_is_closed_as_slow_consumer_4008(own_sta
         while True:
             events.extend(await recv_events(ws, timeout=10))
     assert ws.close_code == CloseCode.SLOW_CONSUMER == 4008
+    assert ws.close_reason.startswith("slow_consumer: more than 200000 bytes")
     err = events[-1]
     assert err["type"] == "error" and err["code"] == "slow_consumer" and err["fatal"] is True
     await next_event(good, "quote")
     await good.close()
 
 
+@pytest.mark.slow
 async def test_lagging_client_gets_quotes_conflated_but_every_trade(own_stack) -> None:
     s: Stack = own_stack(
         symbols="AAPL,MSFT,NVDA", feed_rate=10000, max_buffer_bytes=50_000_000,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-import time
 
 import orjson
 import pytest
@@ -13,7 +13,7 @@ from server.config import Settings
 from server.feed.simulator import Simulator
 from server.feed.tickerplant import Tickerplant
 from server.ticks import Quote, Trade, reject_reason
-from tests.harness import Stack
+from tests.harness import RedisProcess, Stack, eventually_sync
 
 NOW = 1_790_000_000_000_000_000
 
@@ -37,10 +37,18 @@ NOW = 1_790_000_000_000_000_000
         (Quote("AAPL", NOW, 0.0, 1.0, 1.0, 1.0), "bad_price"),
         (Quote("AAPL", NOW, 1.0, -5.0, 1.1, 1.0), "bad_size"),
         (Quote("EURUSD", NOW, 1.1, None, 1.1001, None), None),  # sizes unknown: allowed
+        (Quote("AAPL", NOW, 1.0, math.nan, 1.1, 1.0), "bad_size"),
+        (Quote("AAPL", NOW, 1, 1, 2, 2), None),  # ints are numbers too
+        (Trade("AAPL", NOW, 1.0, 1.0, "buy", "XNAS", 7, NOW), None),  # a venue's, all fields
+        (Trade("AAPL", NOW, 1.0, 1.0, "buy", "x nas", 7, NOW), "bad_venue"),
+        (Trade("AAPL", NOW, 1.0, 1.0, "buy", "XNAS", 7, 1_700_000_000), "bad_timestamp"),
+        (Trade(["AAPL"], NOW, 1.0, 1.0), "bad_symbol"),  # type: ignore[arg-type]
+        (Quote("AAPL", NOW, 1.0, 1.0, 1.1, 1.0, ["XNAS"]), "bad_venue"),  # type: ignore[arg-type]
     ],
 )
 def test_every_tick_is_validated_before_publishing(tick, reason) -> None:
     assert reject_reason(tick) == reason
+    assert reject_reason(tick) == reason  # again, its symbol and venue known valid by now
 
 
 def test_rejected_ticks_are_counted_with_reason_and_the_rest_kept() -> None:
@@ -77,13 +85,86 @@ def test_simulator_is_reproducible_and_realistic() -> None:
 
 def test_running_feed_reports_its_figures_in_redis(stack: Stack) -> None:
     r = redis.Redis.from_url(stack.redis.url)
-    deadline = time.monotonic() + 5
     try:
-        while not (fig := r.hgetall("tp:feed:sim")) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        fig = eventually_sync(lambda: r.hgetall("tp:feed:sim"), timeout=5, what="feed figures")
         assert 0 < r.ttl("tp:feed:sim") <= 10, "figures expire when the feed dies"
     finally:
         r.close()
     assert fig[b"state"] == b"running"
     assert int(fig[b"published"]) > 0
     assert orjson.loads(fig[b"rejected"]) == {}
+
+
+class ReplyEater:
+    """A TCP relay in front of a real Redis that, once armed, closes the connection instead of
+    passing on the reply to the next publish (a call that carries ``tp:applied``): Redis ran
+    the script, the feed never hears so, as when a master dies right after a write."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.armed = False
+        self.eaten = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        asked = asyncio.Event()
+
+        async def client_to_redis() -> None:
+            while data := await reader.read(65536):
+                if self.armed and b"tp:applied" in data:
+                    asked.set()
+                up_w.write(data)
+                await up_w.drain()
+
+        async def redis_to_client() -> None:
+            while data := await up_r.read(65536):
+                if asked.is_set() and self.armed:
+                    self.armed = False
+                    self.eaten += 1
+                    return  # the reply goes nowhere: both connections close below
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.create_task(client_to_redis()), asyncio.create_task(redis_to_client())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        writer.close()
+        up_w.close()
+
+
+async def test_a_batch_whose_reply_was_lost_is_not_published_twice_by_the_retry(tmp_path) -> None:
+    proc = RedisProcess(tmp_path)
+    proc.start()
+    relay = ReplyEater(proc.port)
+    await relay.start()
+    plant = Tickerplant(Settings(redis_url=f"redis://127.0.0.1:{relay.port}/0"), Simulator(["X"]))
+    direct = redis.Redis.from_url(proc.url)
+    try:
+        await plant.publish([Trade("MSFT", NOW, 1.0, 1.0)])  # the script is loaded
+        relay.armed = True
+        batch = [Trade("AAPL", NOW + i, 100.0 + i, 1.0) for i in range(5)]
+        await plant.publish(batch)
+        assert relay.eaten == 1, "the reply to the first try was lost"
+        assert plant.published == 6
+        assert int(direct.hget("tp:sym:AAPL", "seq") or 0) == 5, "applied once, not twice"
+        assert direct.xlen("tp:log") == 2
+        assert direct.xlen("tp:hist:AAPL") == 1
+        again = [Trade("AAPL", NOW + 10, 110.0, 1.0)]
+        await plant.publish(again)  # the next batch is a new one
+        assert int(direct.hget("tp:sym:AAPL", "seq") or 0) == 6
+    finally:
+        await plant.redis.aclose()
+        direct.close()
+        await relay.stop()
+        proc.kill()

@@ -9,17 +9,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.store import SCHEMA
+from server.ticks import STORED_SCHEMA
 from tests.harness import Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 
 T0 = int(dt.datetime(2026, 1, 2, 14, 30, tzinfo=dt.UTC).timestamp()) * 10**9
 MS = 10**6
+NO_GAPS = {"gaps": [], "epoch_changes": [], "count": 0, "upstream_gaps": []}
 
 
 def _tick(sym: str, epoch: int, seq: int) -> dict[str, object]:
     """A trade at T0 + seq ms; ticks of epoch 2 come 100 ms later, after the restart."""
-    row: dict[str, object] = dict.fromkeys(SCHEMA)
+    row: dict[str, object] = dict.fromkeys(STORED_SCHEMA)
     row.update(sym=sym, type="trade", ts=_ts(sym, epoch, seq), epoch=epoch, seq=seq)
     row.update(price=100.0, size=1.0, venue="X")
     return row
@@ -83,6 +84,7 @@ def test_gaps_lists_the_hole_with_the_ticks_around_it(handmade: Stack) -> None:
         ],
         "epoch_changes": [],
         "count": 1,
+        "upstream_gaps": [],  # no live venue source found a hole in a venue's trade ids
     }
 
 
@@ -119,7 +121,7 @@ def test_several_symbols_are_answered_together(handmade: Stack) -> None:
 def test_a_range_without_gaps_has_none_everywhere(handmade: Stack) -> None:
     key = _key(handmade)
     params = dict(symbols="AAPL", start=T0, end=T0 + 11 * MS)  # seq 1..10 only
-    assert _gaps(handmade, key, **params).json() == {"gaps": [], "epoch_changes": [], "count": 0}
+    assert _gaps(handmade, key, **params).json() == NO_GAPS
     resp = _get(handmade, "/ticks/historical", key, **params)
     assert resp.headers["X-Tickpipe-Gaps"] == "0"
     assert resp.json()["gaps"] == 0 and resp.json()["count"] == 10
@@ -145,7 +147,7 @@ def test_the_gap_count_ignores_the_types_filter(handmade: Stack) -> None:
 
 def test_no_history_yet_has_no_gaps(handmade: Stack) -> None:
     body = _gaps(handmade, _key(handmade), symbols="AAPL", start=1, end=10).json()
-    assert body == {"gaps": [], "epoch_changes": [], "count": 0}
+    assert body == NO_GAPS
 
 
 def test_a_corrupted_file_errors_clearly(handmade: Stack) -> None:
@@ -192,6 +194,6 @@ def test_a_live_recording_has_no_gaps(own_stack) -> None:
     assert wait_recorded(s, total) == total
     key = _key(s)
     params = dict(symbols=",".join(pub), start=0, end=time.time_ns() + 10**9)
-    assert _gaps(s, key, **params).json() == {"gaps": [], "epoch_changes": [], "count": 0}
+    assert _gaps(s, key, **params).json() == NO_GAPS
     resp = _get(s, "/ticks/historical", key, format="ndjson", **params)
     assert resp.status_code == 200 and resp.headers["X-Tickpipe-Gaps"] == "0"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import io
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ import httpx
 import polars as pl
 import pytest
 
-from server.store import SCHEMA
+from server.ticks import STORED_SCHEMA
 from tests.harness import Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 
@@ -40,7 +43,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _tick(sym: str, typ: str, ms: float, seq: int, **fields: object) -> dict[str, object]:
-    row: dict[str, object] = dict.fromkeys(SCHEMA)
+    row: dict[str, object] = dict.fromkeys(STORED_SCHEMA)
     row.update(sym=sym, type=typ, ts=T0 + int(ms * MS), epoch=1, seq=seq, venue="X")
     row["crossed"] = False if typ == "quote" else None
     row.update(fields)
@@ -256,6 +259,15 @@ def test_auth_errors(recorded: Stack) -> None:
         ({"start": 1, "end": 10, "interval": "7m"}, "1s, 1m, 5m, 1h, 1d"),
         ({"start": 1, "end": 10, "types": "trade,bbo"}, "trade,quote"),
         ({"start": 1, "end": 10, "limit": 100_001}, "limit"),
+        # Each of these answered a plain-text 500 before: str.isdigit() accepts a superscript
+        # two, int() refuses more than 4,300 digits, int() accepts fullwidth digits.
+        ({"start": "\u00b2", "end": "2030-01-01"}, "start='\u00b2' is not a time"),
+        ({"start": "1" * 5000, "end": "2030-01-01"}, "start='111"),
+        ({"start": 1, "end": "-" + "9" * 5000}, "out of range"),
+        ({"start": 1, "end": 10, "limit": "\u00b2"}, "limit="),
+        ({"start": 1, "end": 10, "limit": "\uff11\uff12"}, "ASCII digits"),
+        ({"start": 1, "end": 10, "enriched": "maybe"}, "enriched='maybe' is not valid"),
+        ({"start": 1, "end": 10, "fingerprint": "ja"}, "give true or false"),
         ({"start": 1, "end": 10, "cursor": "nonsense"}, "cursor"),
         ({"start": "2026-01-01", "end": "2026-06-01"}, "ndjson"),
         ({"start": "2026-01-01", "end": "2026-01-31", "interval": "1s"}, "format=ndjson"),
@@ -338,6 +350,101 @@ def test_a_corrupted_file_errors_clearly_and_other_dates_still_answer(handmade: 
     assert ok.status_code == 200 and ok.json()["count"] == 7
 
 
+def _fill(path: Path) -> None:
+    """Write ``path`` until its filesystem is full."""
+    with path.open("wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_parquet_on_a_full_disk_is_a_json_503_saying_what_is_wrong(tmp_path) -> None:
+    """A Parquet answer is written to ``<data_dir>/tmp`` before it is sent: on a full disk
+    (a real ENOSPC on a full tmpfs) that is a JSON 503, not a plain-text 500."""
+    s = Stack(tmp_path, feed=False)
+    write_history(s.data_dir / "history", HAND_ROWS)
+    spill = s.data_dir / "tmp"
+    spill.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(spill)], check=True)
+    try:
+        _fill(spill / "filler")
+        s.start()
+        key = _key(s)
+        params = dict(symbols="XYZ", start="2026-01-02", end="2026-01-03")
+        full = _get(s, key, format="parquet", **params)
+        assert full.status_code == 503, full.text
+        assert full.headers["content-type"] == "application/json"
+        err = full.json()["error"]
+        assert err["code"] == "unavailable"
+        assert "disk full" in err["message"] and str(spill) in err["message"], err
+        assert [p.name for p in spill.iterdir()] == ["filler"], "a partial answer was left"
+        assert _get(s, key, format="arrow", **params).status_code == 200, "streams need no file"
+        (spill / "filler").unlink()
+        ok = _get(s, key, format="parquet", **params)
+        assert ok.status_code == 200 and pl.read_parquet(io.BytesIO(ok.content)).height == 7
+    finally:
+        s.stop()
+        subprocess.run(["umount", "-l", str(spill)], check=False)
+
+
+EMPTY_QUERIES = {
+    "ticks": {},
+    "fields": {"fields": "price,ts,sym"},
+    "enriched": {"enriched": "true", "fields": "mid,aggressor,ts"},
+    "bars": {"interval": "1m"},
+}
+
+
+def _columns(fmt: str, resp: httpx.Response) -> object:
+    """What an answer says about its columns: the CSV header, or the Arrow/Parquet schema."""
+    assert resp.status_code == 200, resp.text
+    if fmt == "csv":
+        return resp.text.splitlines()[0]
+    read = pl.read_parquet if fmt == "parquet" else pl.read_ipc_stream
+    return read(io.BytesIO(resp.content)).schema
+
+
+@pytest.mark.parametrize("query", sorted(EMPTY_QUERIES))
+def test_an_empty_answer_still_has_its_columns_in_every_format(recorded: Stack, query: str) -> None:
+    """Empty with no file in the range (1970), and empty with files but no row in the range:
+    CSV still has its header and Arrow and Parquet their schema, the same as with rows."""
+    key = _key(recorded)
+    lo, hi = _range(recorded)
+    params = {"symbols": "AAPL", **EMPTY_QUERIES[query]}
+    for fmt in ("csv", "arrow", "parquet"):
+        full = _get(recorded, key, start=lo, end=hi, format=fmt, **params)
+        for start, end in ((1, 10), (lo - 10**6, lo)):
+            empty = _get(recorded, key, start=start, end=end, format=fmt, **params)
+            assert _columns(fmt, empty) == _columns(fmt, full), (fmt, start)
+            if fmt == "csv":
+                assert empty.text.count("\n") == 1
+            else:
+                read = pl.read_parquet if fmt == "parquet" else pl.read_ipc_stream
+                assert read(io.BytesIO(empty.content)).height == 0
+    for start, end in ((1, 10), (lo - 10**6, lo)):
+        as_json = _get(recorded, key, start=start, end=end, **params)
+        assert as_json.status_code == 200 and as_json.json()["rows"] == [], as_json.text
+        ndjson = _get(recorded, key, start=start, end=end, format="ndjson", **params)
+        assert ndjson.status_code == 200 and ndjson.content == b""
+
+
+async def test_client_history_of_an_empty_range_is_a_frame_with_the_tick_columns(
+    recorded: Stack,
+) -> None:
+    from tickpipe import Client
+
+    lo, hi = _range(recorded)
+    async with Client(recorded.base, _key(recorded)) as client:
+        full = await client.history(["AAPL"], lo, hi)
+        empty = await client.history(["AAPL"], 1, 10)
+    assert full.height > 0 and empty.height == 0
+    assert empty.schema == full.schema
+    assert empty.columns[:5] == ["sym", "type", "ts", "epoch", "seq"]
+
+
 def test_no_history_yet_says_the_symbol_is_unknown_in_every_format(own_stack) -> None:
     s: Stack = own_stack(feed=False)
     key = _key(s)
@@ -356,7 +463,7 @@ def test_ticks_of_a_file_written_across_midnight_are_found_from_the_next_day(tmp
     """The recorder files a flush under the day of its first tick; a range starting after
     midnight must still see the ticks the same file holds for the new day."""
     midnight = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
-    rest = (None,) * 7  # side, bid, bid_size, ask, ask_size, venue, crossed
+    rest = (None,) * 8  # side, bid, bid_size, ask, ask_size, venue, crossed, flags
     rows = [
         ("ABC", "trade", midnight - 100_000_000, 5, 1, 10.0, 1.0, *rest),
         ("ABC", "trade", midnight + 100_000_000, 5, 2, 11.0, 1.0, *rest),

@@ -9,7 +9,7 @@ import time
 import httpx
 import polars as pl
 
-from tests.harness import Stack
+from tests.harness import Stack, eventually_sync
 from tests.test_recorder import count_stored, published
 
 SYMS = ["AAPL", "MSFT", "EURUSD"]
@@ -41,10 +41,7 @@ def _assert_contiguous_from_1(frame: pl.DataFrame, at_least: dict[str, tuple[int
 def test_a_range_up_to_now_has_every_seq_once_across_the_recorded_boundary(own_stack) -> None:
     s: Stack = own_stack(recorder=True, feed_rate=1000, recorder_flush_s=3)
     start = time.time_ns() - 60 * 10**9
-    deadline = time.monotonic() + 20
-    while count_stored(s) == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert count_stored(s) > 0, "the recorder stored nothing"
+    eventually_sync(lambda: count_stored(s), timeout=20, what="a first stored tick")
     before = published(s)
     resp = _history(s, start)
     frame = _frame(resp)
@@ -90,11 +87,13 @@ def test_with_redis_down_stored_history_still_answers_and_says_so(own_stack) -> 
     time.sleep(1)
     s.feed.stop()
     total = sum(seq for sym, (_e, seq) in published(s).items() if sym in SYMS)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        if _frame(_history(s, start)).height >= total:
-            break
+    # Stored, not only answered: the answer reads what the recorder has not stored yet from
+    # the log, so wait until none of it came from there.
+    eventually_sync(
+        lambda: _history(s, start),
+        lambda r: r.headers["X-Tickpipe-Unrecorded"] == "0" and _frame(r).height >= total,
+        timeout=20, every=0.3, what="every published tick stored",
+    )  # fmt: skip
     s.redis.kill()
     resp = _history(s, start)
     assert resp.headers["X-Tickpipe-Unrecorded"] == "unavailable"

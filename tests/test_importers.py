@@ -11,7 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from server.importers import FORMATS, TICK_SCHEMA, ImportResult, Mapping, read_file
+from server.history.importers import FORMATS, ImportResult, Mapping, read_file
+from server.ticks import TICK_SCHEMA
 
 UTC = dt.UTC
 
@@ -134,7 +135,7 @@ def test_lobster_takes_symbol_and_date_from_arguments_when_the_name_lacks_them(
     tmp_path: Path,
 ) -> None:
     path = write(tmp_path / "messages.csv", "36000.5,4,1,10,1000000,1\n")
-    with pytest.raises(ValueError, match="date="):
+    with pytest.raises(ValueError, match="--date"):
         read_file(path, "lobster", symbol="MSFT")
 
     result = read_file(path, "lobster", symbol="MSFT", date=dt.date(2012, 12, 3))
@@ -150,7 +151,7 @@ def lean_zip(tmp_path: Path, zip_name: str, member: str, text: str) -> Path:
     return path
 
 
-def test_lean_trade_zip_scales_prices_and_rejects_suspicious_rows(tmp_path: Path) -> None:
+def test_lean_trade_zip_scales_prices_and_keeps_suspicious_rows_flagged(tmp_path: Path) -> None:
     text = (
         "34200000,4868000,100,P,00000000,0\n"
         "34200010,4868100,200,Q,00000000,1\n"
@@ -160,10 +161,18 @@ def test_lean_trade_zip_scales_prices_and_rejects_suspicious_rows(tmp_path: Path
     result = read_file(path, "lean")
 
     # 2013-10-07 is on EDT: 09:30 New York = 13:30 UTC.
-    assert ts_ns(result) == [ns(2013, 10, 7, 13, 30), ns(2013, 10, 7, 19, 59, 59, us=999_000)]
-    rows = result.ticks.select("sym", "type", "price", "size", "venue").rows()
-    assert rows == [("AAPL", "trade", 486.8, 100.0, "P"), ("AAPL", "trade", 487.05, 300.0, "Q")]
-    assert result.rejects.rows() == [(2, "suspicious: flagged by the vendor", text.splitlines()[1])]
+    assert ts_ns(result) == [
+        ns(2013, 10, 7, 13, 30),
+        ns(2013, 10, 7, 13, 30, 0, us=10_000),
+        ns(2013, 10, 7, 19, 59, 59, us=999_000),
+    ]
+    rows = result.ticks.select("sym", "type", "price", "size", "venue", "flags").rows()
+    assert rows == [
+        ("AAPL", "trade", 486.8, 100.0, "P", None),
+        ("AAPL", "trade", 486.81, 200.0, "Q", "suspicious"),  # kept, flagged
+        ("AAPL", "trade", 487.05, 300.0, "Q", None),
+    ]
+    assert result.rejects.height == 0
 
 
 def test_lean_quote_zip_treats_a_zero_side_as_absent(tmp_path: Path) -> None:
@@ -266,7 +275,7 @@ def test_generic_mapping_with_strptime_format_and_offset(tmp_path: Path) -> None
 
 def test_unknown_format_name_raises_listing_valid_names(tmp_path: Path) -> None:
     path = write(tmp_path / "x.csv", TARDIS_TRADES)
-    with pytest.raises(ValueError, match="tardis-trades, tardis-quotes, histdata") as err:
+    with pytest.raises(ValueError, match="tardis-trades, tardis-quotes") as err:
         read_file(path, "tardis")
     assert all(name in str(err.value) for name in FORMATS)
 
@@ -415,3 +424,86 @@ def test_blank_lines_and_an_empty_file_import_nothing_without_error(tmp_path: Pa
 
     assert (empty.read, empty.ticks.height, empty.rejects.height) == (0, 0, 0)
     assert (blanks.read, blanks.ticks.height, blanks.rejects.height) == (0, 0, 0)
+
+
+# Each format's example in FORMAT_GUIDE (shown by `tickpipe import --help`), as a file of that
+# format: (file name, contents, read_file arguments).
+GUIDE_EXAMPLES = {
+    "tardis-trades": ("t.csv", "exchange,symbol,timestamp,local_timestamp,id,side,price,amount\n"
+                      "binance,BTCUSDT,1700000000000001,1700000000000100,1,buy,37000.5,0.01\n", {}),
+    "tardis-quotes": ("q.csv", "exchange,symbol,timestamp,local_timestamp,ask_amount,ask_price,"
+                      "bid_price,bid_amount\n"
+                      "binance,BTCUSDT,1700000000000001,1700000000000100,0.5,37000.6,37000.4,1.2"
+                      "\n", {}),
+    "histdata": ("h.csv", "20120201 000000173,1.306600,1.306770,0\n", {"symbol": "EURUSD"}),
+    "lobster": ("AAPL_2012-06-21_34200000_57600000_message_1.csv",
+                "34200.025552880,4,16120456,100,5859100,-1\n", {}),
+    "lean": ("20131007_aapl_Trade_Tick.csv", "34200000,4868000,100,P,00000000,0\n", {}),
+    "csv": ("c.csv", "when,ticker,px,qty\n1700000000123,ES,4500.25,3\n", {"mapping": Mapping(
+        time="when", time_unit="ms", symbol_column="ticker", price="px", size="qty")}),
+    "tardis-book": ("b.csv", "exchange,symbol,timestamp,local_timestamp,is_snapshot,side,price,"
+                    "amount\nderibit,BTC-PERPETUAL,1585699200245000,1585699200355684,true,ask,"
+                    "6421.5,18640\n", {}),
+    "binance-trades": ("BNBUSDT-trades-2020-03.csv", "51175358,17.80180000,5.69000000,"
+                       "101.29224200,1583709433583,True,True\n", {}),
+    "binance-aggtrades": ("ETHBTC-aggTrades-2017-06.csv", "26129,0.01633102,4.70443515,27781,"
+                          "27781,1498793709153,true\n", {}),
+    "binance-bookticker": ("BTCUSDT-bookTicker-2024-01-02.csv", "1,42000.1,2.5,42000.2,1.25,"
+                           "1704153600123,1704153600125\n", {}),
+    "polygon-trades": ("2024-04-05.csv", "ticker,conditions,correction,exchange,id,"
+                       "participant_timestamp,price,sequence_number,sip_timestamp,size,tape,"
+                       "trf_id,trf_timestamp\n"
+                       'A,"12,37",0,11,52983525035312,1712306654208705342,142.99,3807,'
+                       "1712306654208740096,5,1,0,0\n", {}),
+    "dukascopy": ("q.csv", "timestamp,askPrice,bidPrice,askVolume,bidVolume\n"
+                  "1585526400104,1.11369,1.11361,0.75,0.75\n", {"symbol": "EURUSD"}),
+}  # fmt: skip
+
+
+# Databento's example is a DBN record (binary), shown as its fields: tests/test_vendor_formats.py
+# imports that record.
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "databento"])
+def test_the_example_of_each_format_guide_imports(tmp_path: Path, fmt: str) -> None:
+    from server.history.importers import FORMAT_GUIDE
+
+    name, text, kwargs = GUIDE_EXAMPLES[fmt]
+    guide = FORMAT_GUIDE[fmt].replace("\n  ", "")  # a header may wrap onto two lines
+    for line in text.splitlines():
+        assert line in FORMAT_GUIDE[fmt] or line in guide, line
+    result = read_file(write(tmp_path / name, text), fmt, **kwargs)
+    assert result.ticks.height == 1 and result.rejects.height == 0, result.rejects
+
+
+def test_stored_rows_and_the_wire_agree_on_the_stored_columns() -> None:
+    from server import wire
+    from server.ticks import STORED_SCHEMA
+
+    assert len(STORED_SCHEMA) == wire.STORED_COLUMNS
+    assert list(STORED_SCHEMA)[13:] == ["crossed", "flags"]
+    row = (
+        "X",
+        "quote",
+        1,
+        -5,
+        1,
+        None,
+        None,
+        None,
+        1.0,
+        None,
+        2.0,
+        None,
+        None,
+        False,
+        "suspicious",
+    )
+    assert '"flags":"suspicious"' in wire.row_event(row, "}")
+
+
+def test_constant_tells_a_column_of_one_value_from_one_of_several() -> None:
+    from server.history.importers.common import constant
+
+    assert constant(pl.Series([], dtype=pl.Utf8))
+    assert constant(pl.Series(["A", "A"])) and constant(pl.Series([None, None], dtype=pl.Utf8))
+    assert not constant(pl.Series(["A", "B"]))
+    assert not constant(pl.Series(["A", None])) and not constant(pl.Series([None, "A"]))

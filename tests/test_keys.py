@@ -56,6 +56,7 @@ def test_unknown_scope_and_empty_name_are_refused(tmp_path) -> None:
         store.create(" ", ["realtime"])
 
 
+@pytest.mark.slow
 async def test_key_survives_restart_of_web_and_redis(own_stack) -> None:
     s: Stack = own_stack()
     key = s.key("durable")

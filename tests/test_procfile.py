@@ -2,81 +2,195 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
-import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import redis
 
-from tests.harness import ROOT, free_port, next_event, recv_events, send, wait_port
+from server.config import Settings
+from tests.harness import (
+    ROOT,
+    START_S,
+    RedisProcess,
+    eventually,
+    free_port,
+    next_event,
+    recv_events,
+    send,
+    wait_port,
+)
+
+HONCHO = ROOT / ".venv" / "bin" / "honcho"
 
 
-async def test_procfile_starts_redis_feed_and_web_and_stops_cleanly(tmp_path) -> None:
+class Honcho:
+    """``honcho start`` of the Procfile in its own session, its output in a file."""
+
+    def __init__(self, tmp_path: Path, **settings: str) -> None:
+        self.log_path = tmp_path / "honcho.log"
+        self.web_port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
+        self.env.update(TICKPIPE_PORT=str(self.web_port), TICKPIPE_DATA_DIR=str(tmp_path / "data"))
+        self.env.update({f"TICKPIPE_{k.upper()}": v for k, v in settings.items()})
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(HONCHO), "start", "-f", "Procfile"], cwd=ROOT, env=self.env, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_for(self, text: str, timeout: float = 30) -> str:
+        out: str = await eventually(
+            self.output, lambda out: text in out, timeout, 0.2, f"{text!r} in the output"
+        )
+        return out
+
+    def ctrl_c(self) -> int:
+        """What Ctrl-C in the terminal does; the exit code."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+        return self.wait()
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(ROOT / ".venv/bin/tickpipe"), *args],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=START_S,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def other_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A Redis that tickpipe did not start (like the one this machine runs on 6379)."""
+    r = RedisProcess(tmp_path / "other")
+    r.start()
+    yield r
+    r.kill()
+
+
+def keyspace(port: int) -> dict[str, object]:
+    client = redis.Redis(port=port)
+    try:
+        return client.info("keyspace")
+    finally:
+        client.close()
+
+
+def answers(port: int) -> bool:
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
+async def check_live_ticks(h: Honcho) -> None:
+    """A key made with the CLI gets contiguous trades and quotes over the WebSocket."""
     import websockets
 
-    redis_port, web_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
-    env.update(
-        TICKPIPE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        TICKPIPE_PORT=str(web_port),
-        TICKPIPE_DATA_DIR=str(tmp_path / "data"),
-    )
-    honcho = ROOT / ".venv" / "bin" / "honcho"
-    log = (tmp_path / "honcho.log").open("wb")
-    proc = subprocess.Popen(
-        [str(honcho), "start", "-f", "Procfile"], cwd=ROOT, env=env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_port(web_port, 30)
-        out = ""
-        deadline = time.monotonic() + 20
-        while "admin key" not in out and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            out = (tmp_path / "honcho.log").read_text()
-        assert f"http://127.0.0.1:{web_port}/" in out
-        assert "starting redis-server" in out  # nothing answered on that port, so it started one
-        assert re.search(r"admin key \(shown only once, keep it\): tp_\S+", out)
+    made = h.cli("keys", "create", "--name", "agent-1", "--scopes", "realtime,historical",
+                 "--symbols", "AAPL,MSFT")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    async with websockets.connect(
+        f"ws://127.0.0.1:{h.web_port}/ws",
+        additional_headers={"Authorization": f"Bearer {made.stdout.strip()}"},
+    ) as ws:
+        await next_event(ws, "welcome", timeout=10)
+        await send(ws, op="subscribe", symbols=["AAPL", "MSFT"])
+        sub = await next_event(ws, "subscribed", timeout=10)
+        last = {s: v["seq"] for s, v in sub["seq"].items()}
+        n, kinds = 0, set()
+        while n < 200:
+            for ev in await recv_events(ws, timeout=10):
+                if ev["type"] in ("trade", "quote"):
+                    assert ev["seq"] == last[ev["sym"]] + 1
+                    last[ev["sym"]] = ev["seq"]
+                    kinds.add(ev["type"])
+                    n += 1
+        assert kinds == {"trade", "quote"}
 
-        made = subprocess.run(
-            [str(ROOT / ".venv/bin/tickpipe"), "keys", "create", "--name", "agent-1",
-             "--scopes", "realtime,historical", "--symbols", "AAPL,MSFT"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        assert made.returncode == 0, made.stderr
-        key = made.stdout.strip()
-        async with websockets.connect(
-            f"ws://127.0.0.1:{web_port}/ws", additional_headers={"Authorization": f"Bearer {key}"}
-        ) as ws:
-            await next_event(ws, "welcome", timeout=10)
-            await send(ws, op="subscribe", symbols=["AAPL", "MSFT"])
-            sub = await next_event(ws, "subscribed", timeout=10)
-            last = {s: v["seq"] for s, v in sub["seq"].items()}
-            n, kinds = 0, set()
-            while n < 200:
-                for ev in await recv_events(ws, timeout=10):
-                    if ev["type"] in ("trade", "quote"):
-                        assert ev["seq"] == last[ev["sym"]] + 1
-                        last[ev["sym"]] = ev["seq"]
-                        kinds.add(ev["type"])
-                        n += 1
-            assert kinds == {"trade", "quote"}
+
+def test_default_redis_is_the_projects_own_not_6379() -> None:
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    if "TICKPIPE_REDIS_URL" not in os.environ and "TICKPIPE_REDIS_PORT" not in os.environ:
+        assert s.redis_url == "redis://127.0.0.1:6380/0" and s.own_redis
+    assert Settings(_env_file=None, redis_port=7001).redis_url == "redis://127.0.0.1:7001/0"  # type: ignore[call-arg]
+    assert not Settings(_env_file=None, redis_url="redis://h:1/0").own_redis  # type: ignore[call-arg]
+
+
+@pytest.mark.slow
+async def test_procfile_starts_its_own_redis_feed_recorder_and_web_and_stops_cleanly(
+    tmp_path: Path, other_redis: RedisProcess
+) -> None:
+    redis_port = free_port()
+    h = Honcho(tmp_path, redis_port=str(redis_port))
+    try:
+        wait_port(h.web_port)
+        out = await h.wait_for("admin key")
+        assert f"http://127.0.0.1:{h.web_port}/" in out
+        assert f"starting redis-server on 127.0.0.1:{redis_port}" in out
+        assert re.search(r"admin key \(shown only once, keep it\): tp_\S+", out)
+        await check_live_ticks(h)
         assert (tmp_path / "data" / "redis").is_dir(), "Redis keeps its data under data/"
+        assert keyspace(redis_port), "the processes write into tickpipe's own Redis"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        rc = proc.wait(30)
-        log.close()
-    out = (tmp_path / "honcho.log").read_text()
+        rc = h.ctrl_c()
+    out = h.output()
     assert "Traceback" not in out, out[-3000:]
     assert rc in (0, 130), out[-2000:]
-    r = redis.Redis(port=redis_port, socket_connect_timeout=0.5)
+    assert not answers(redis_port), "redis-server still running after Ctrl-C"
+    assert keyspace(other_redis.port) == {}, "nothing is written into a Redis it did not start"
+
+
+async def test_procfile_writes_nothing_into_a_redis_it_did_not_start_on_its_port(
+    tmp_path: Path, other_redis: RedisProcess
+) -> None:
+    h = Honcho(tmp_path, redis_port=str(other_redis.port))
     try:
-        r.ping()
-        raise AssertionError("redis-server still running after Ctrl-C")
-    except redis.ConnectionError:
-        pass
+        rc: int | None = h.wait(60)  # it stops by itself
+    except subprocess.TimeoutExpired:
+        rc = None
+    written = keyspace(other_redis.port)
+    h.ctrl_c()
+    out = h.output()
+    assert written == {}, f"make run wrote into a Redis it did not start: {written}"
+    assert rc not in (None, 0), out[-2000:]
+    assert f"another Redis answers on 127.0.0.1:{other_redis.port}" in out, out[-2000:]
+    assert "never writes into a Redis it did not start" in out
+    assert "TICKPIPE_REDIS_URL" in out  # and how to use it on purpose
+    assert "Traceback" not in out, out[-3000:]
+    assert answers(other_redis.port), "a Redis it did not start is not stopped either"
+
+
+@pytest.mark.slow
+async def test_procfile_uses_the_redis_tickpipe_redis_url_names(
+    tmp_path: Path, other_redis: RedisProcess
+) -> None:
+    h = Honcho(tmp_path, redis_url=other_redis.url)
+    try:
+        wait_port(h.web_port)
+        out = await h.wait_for("admin key")
+        assert "using the Redis TICKPIPE_REDIS_URL names" in out
+        assert "starting redis-server" not in out
+        await check_live_ticks(h)
+        assert keyspace(other_redis.port), "the processes write into the Redis it names"
     finally:
-        r.close()
+        rc = h.ctrl_c()
+    assert rc in (0, 130), h.output()[-2000:]
+    assert not (tmp_path / "data" / "redis").exists()
+    assert answers(other_redis.port), "a Redis it did not start is not stopped"

@@ -9,8 +9,9 @@ from typing import Any
 
 import polars as pl
 
-from server.store import SCHEMA, write_file
-from tests.harness import Stack, next_event, send
+from server.history.store import write_file
+from server.ticks import STORED_SCHEMA
+from tests.harness import Stack, eventually, next_event, send
 
 
 def auth(key: str) -> dict[str, str]:
@@ -27,12 +28,10 @@ async def history(stack: Stack, admin: str, **params: Any) -> list[dict]:
 
 async def wait_for(stack: Stack, admin: str, name: str, n: int) -> list[dict]:
     """The history of key ``name`` once it holds ``n`` records."""
-    deadline = time.monotonic() + 5
-    while True:
-        got = await history(stack, admin, key=name)
-        if len(got) >= n or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.1)
+    got: list[dict] = await eventually(
+        lambda: history(stack, admin, key=name), lambda got: len(got) >= n, 5, what=f"{n} records"
+    )
+    return got
 
 
 async def test_rest_query_is_recorded_with_key_params_status_and_duration(stack: Stack) -> None:
@@ -108,12 +107,15 @@ async def test_streamed_rows_are_counted_for_ndjson_and_csv(tmp_path: Any) -> No
     t0 = 1_767_364_200 * 10**9  # 2026-01-02T14:30:00Z
     ticks = []
     for i in range(3):
-        row: dict[str, object] = dict.fromkeys(SCHEMA)
+        row: dict[str, object] = dict.fromkeys(STORED_SCHEMA)
         row.update(sym="XYZ", type="trade", ts=t0 + i, epoch=1, seq=i + 1, price=1.0, size=1.0)
         ticks.append(row)
-    frame = pl.DataFrame(ticks, schema={**SCHEMA, "ts": pl.Int64()}, orient="row")
+    frame = pl.DataFrame(ticks, schema={**STORED_SCHEMA, "ts": pl.Int64()}, orient="row")
     write_file(
-        s.data_dir / "history", frame.with_columns(pl.col("ts").cast(SCHEMA["ts"])), "1-0", "1-2"
+        s.data_dir / "history",
+        frame.with_columns(pl.col("ts").cast(STORED_SCHEMA["ts"])),
+        "1-0",
+        "1-2",
     )
     s.start()
     try:
@@ -142,6 +144,18 @@ async def test_non_admin_key_is_403_on_queries(stack: Stack) -> None:
         anon = await http.get("/queries")
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     assert anon.status_code == 401
+
+
+async def test_a_limit_that_is_not_an_ascii_integer_is_a_422_not_a_500(stack: Stack) -> None:
+    admin = stack.key("q-admin-limit", ["admin"])
+    odd = ["\u00b2", "\uff11\uff12", "\u0661", "1" * 5000, " 12", "1_0", "0", "10001", ""]
+    async with stack.http() as http:
+        answers = [
+            await http.get("/queries", params={"limit": v}, headers=auth(admin)) for v in odd
+        ]
+    for value, r in zip(odd, answers, strict=True):
+        assert r.status_code == 422, (value[:8], r.status_code, r.text[:100])
+        assert "limit=" in r.json()["error"]["message"], r.text
 
 
 async def test_cli_lists_queries_newest_first(stack: Stack) -> None:

@@ -98,7 +98,11 @@ async def test_healthz_needs_no_key(stack: Stack) -> None:
     async with stack.http() as http:
         r = await http.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "redis": "up", "replays": {"active": 0, "open_readers": 0}}
+    assert r.json() == {
+        "status": "ok",
+        "redis": "up",
+        "replays": {"active": 0, "open_readers": 0, "rows_held": 0},
+    }
 
 
 async def test_repeat_requests_are_answered_from_memory_and_follow_live_ticks(own_stack) -> None:

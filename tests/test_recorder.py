@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis
 
-from server.store import scan
-from tests.harness import Stack
+from server.history.store import scan
+from tests.harness import Stack, eventually, eventually_sync
 
 
 def published(stack: Stack) -> dict[str, tuple[int, int]]:
@@ -31,13 +31,8 @@ def published(stack: Stack) -> dict[str, tuple[int, int]]:
 
 
 def wait_recorded(stack: Stack, expected: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    n = -1
-    while time.monotonic() < deadline:
-        n = count_stored(stack)
-        if n >= expected:
-            return n
-        time.sleep(0.3)
+    n: int = eventually_sync(lambda: count_stored(stack), lambda n: n >= expected, timeout, 0.3,
+                             f"{expected} ticks stored")  # fmt: skip
     return n
 
 
@@ -95,6 +90,7 @@ def test_every_published_tick_is_stored_once_with_its_fields(own_stack) -> None:
     assert trade[0] > 0 and trade[1] > 0 and trade[2] is None
 
 
+@pytest.mark.slow
 def test_recorder_killed_repeatedly_under_load_loses_and_doubles_nothing(own_stack) -> None:
     # Compaction runs twice a second too, so some kills land in the middle of a merge.
     s: Stack = own_stack(
@@ -116,10 +112,11 @@ async def test_entries_stored_but_not_yet_acknowledged_are_not_stored_again(tmp_
     """The crash window between renaming a file into place and XACK, made to happen."""
     from redis.asyncio import Redis
 
-    from server.bus import Bus
     from server.config import Settings
-    from server.recorder import Recorder, entries_to_frame
-    from server.store import write_file
+    from server.history.recorder import Recorder
+    from server.history.store import write_file
+    from server.history.tail import entries_to_frame
+    from server.live.bus import Bus
     from server.ticks import Trade
     from tests.harness import RedisProcess
 
@@ -163,8 +160,128 @@ async def test_entries_stored_but_not_yet_acknowledged_are_not_stored_again(tmp_
     proc.kill()
 
 
+async def test_a_batch_retried_on_a_promoted_replica_that_never_got_it_is_stored_once(
+    tmp_path,
+) -> None:
+    """A master applies a batch and dies before replying; its replica, cut off just before,
+    never got it. The recorder stored the batch from the master's log; the feed retries it on
+    the promoted replica under the same seqs (its floor), which puts it in that log again under
+    a new entry id. A recorder started afresh on the new master stores it once, and what comes
+    after it as usual."""
+    from redis.asyncio import Redis
+
+    from server.config import Settings
+    from server.history.recorder import Recorder
+    from server.live.bus import Bus
+    from server.ticks import Trade
+    from tests.harness import RedisProcess
+
+    t0 = 1_790_000_000_000_000_000
+    master, replica = RedisProcess(tmp_path), RedisProcess(tmp_path)
+    master.start()
+    replica.start()
+    m = Redis.from_url(master.url, socket_timeout=60)
+    r = Redis.from_url(replica.url, socket_timeout=60)
+    data = tmp_path / "data"
+
+    def trades(lo: int, hi: int) -> list[Trade]:
+        return [Trade("AAPL", t0 + i, 100.0 + i, 1.0) for i in range(lo, hi)]
+
+    try:
+        await r.replicaof("127.0.0.1", master.port)
+        await eventually(
+            lambda: r.info("replication"), lambda i: i.get("master_link_status") == "up",
+            timeout=60, what="the replica in sync with its master",
+        )  # fmt: skip
+        first = Recorder(Settings(redis_url=master.url, data_dir=data))
+        await first._ensure_group()
+        feed = Bus(m, publisher="sim")
+        await feed.publish_group(trades(0, 3), batch="b1")
+        assert await m.wait(1, 30_000) == 1, "the replica has the first batch"
+        await r.replicaof("NO", "ONE")  # cut off, then promoted: it never gets the second
+        await feed.publish_group(trades(3, 6), batch="b2")  # applied; its reply "lost"
+        await first.flush(await first._read(pending=False))
+        await first.redis.aclose()
+
+        retry = Bus(r, publisher="sim")
+        retry._assigned = {"AAPL": (await Bus(r).seq_states(["AAPL"]))["AAPL"]}  # the floor
+        states = await retry.publish_group(trades(3, 6), batch="b2")
+        assert states["AAPL"].seq == 6, "the same seqs again"
+        await retry.publish_group(trades(6, 8), batch="b3")
+
+        second = Recorder(Settings(redis_url=replica.url, data_dir=data))
+        while entries := await second._read(pending=False):
+            await second.flush(entries)
+        await second.redis.aclose()
+        assert second.repeats_dropped == 3
+        glob = str(data / "history" / "date=*" / "*.parquet")
+        con = duckdb.connect()
+        seqs = [x for (x,) in con.execute(f"SELECT seq FROM '{glob}' ORDER BY seq").fetchall()]
+        con.close()
+        assert seqs == list(range(1, 9))
+    finally:
+        await m.aclose()
+        await r.aclose()
+        master.kill()
+        replica.kill()
+
+
+async def test_a_failover_in_the_middle_of_a_flush_stores_each_tick_once(tmp_path) -> None:
+    """The recorder's unwritten batch holds entries read from the old master when the promoted
+    replica's consumer group (behind) hands them out again, and the feed's retry of the last one
+    under the same seqs and a new entry id: one flush gets all of them and stores each tick
+    once."""
+    from redis.asyncio import Redis
+
+    from server.config import Settings
+    from server.history.recorder import Recorder
+    from server.live.bus import LOG_KEY, Bus
+    from server.ticks import Trade
+    from tests.harness import RedisProcess
+
+    t0 = 1_790_000_000_000_000_000
+    proc = RedisProcess(tmp_path)
+    proc.start()
+    r = Redis.from_url(proc.url)
+    try:
+        recorder = Recorder(Settings(redis_url=proc.url, data_dir=tmp_path / "data"))
+        await recorder._ensure_group()
+        bus = Bus(r)
+        for lo in (0, 3):
+            await bus.publish([Trade("AAPL", t0 + i, 100.0 + i, 1.0) for i in range(lo, lo + 3)])
+        first, second = await recorder._read(pending=False)
+        retry_id = await r.xadd(LOG_KEY, second[1])  # the retry, as the new master logs it
+        retried = (retry_id, second[1])
+        await recorder.flush([first, second, first, second, retried])
+        await recorder.redis.aclose()
+        assert recorder.repeats_dropped == 3
+        glob = str(tmp_path / "data" / "history" / "date=*" / "*.parquet")
+        con = duckdb.connect()
+        seqs = [x for (x,) in con.execute(f"SELECT seq FROM '{glob}' ORDER BY seq").fetchall()]
+        con.close()
+        assert seqs == [1, 2, 3, 4, 5, 6]
+    finally:
+        await r.aclose()
+        proc.kill()
+
+
+def test_a_corrupt_stored_file_does_not_keep_the_recorder_from_starting(tmp_path) -> None:
+    """On start the recorder reads the seqs of the latest files; one it cannot read is passed
+    over (history queries report it as corrupt), and the others still count."""
+    from server.config import Settings
+    from server.history.recorder import Recorder
+    from tests.harness import corrupt_history_file, write_history
+    from tests.test_gaps import HAND_ROWS
+
+    data = tmp_path / "data"
+    write_history(data / "history", HAND_ROWS, "5-0", "5-9")
+    corrupt_history_file(data / "history")
+    recorder = Recorder(Settings(redis_url="redis://127.0.0.1:1/0", data_dir=data))
+    assert recorder.stored_seqs == {"AAPL": (1, 20), "MSFT": (2, 5)}  # OLD: imported, epoch < 0
+
+
 def settings_log_key() -> str:
-    from server.bus import LOG_KEY
+    from server.live.bus import LOG_KEY
 
     return LOG_KEY
 
@@ -178,13 +295,11 @@ def _recorder_state(stack: Stack) -> dict[str, str]:
 
 
 def _wait_state(stack: Stack, state: str, timeout: float = 30.0) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = _recorder_state(stack)
-        if got.get("state") == state:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"recorder never reported {state}: {_recorder_state(stack)}")
+    got: dict[str, str] = eventually_sync(
+        lambda: _recorder_state(stack), lambda got: got.get("state") == state, timeout, 0.2,
+        f"the recorder reporting {state}",
+    )  # fmt: skip
+    return got
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
@@ -223,7 +338,7 @@ def test_a_full_disk_stops_acknowledging_and_loses_nothing(tmp_path) -> None:
 
 
 def test_log_entries_parse_whatever_the_spacing_and_string_contents() -> None:
-    from server.recorder import entries_to_frame
+    from server.history.tail import entries_to_frame
 
     trade = b'{"type":"trade","sym":"A","seq":1,"ts":10,"price":1.0,"size":2.0}'
     # A venue that looks like the publish script's join between two events.

@@ -80,3 +80,34 @@ async def test_subscribe_during_outage_gets_unavailable_then_works(own_stack) ->
     assert ev["symbols"] == ["AAPL"]
     await next_event(ws, "quote", timeout=10)
     await ws.close()
+
+
+async def test_a_resume_after_redis_restarts_with_its_data_is_served(own_stack) -> None:
+    """The web process's pooled Redis connections die with the old server: a resume right
+    after the restart must be served from the new one, not refused as resume_unavailable."""
+    s: Stack = own_stack(redis_persist=True)
+    key = s.key("restart")
+    ws, _ = await s.client(key)
+    await send(ws, op="subscribe", symbols=["AAPL"])
+    sub = await next_event(ws, "subscribed")
+    epoch = sub["seq"]["AAPL"]["epoch"]
+    last = (await next_event(ws, "trade"))["seq"]
+    async with s.http() as http:  # REST calls leave connections in the web process's pool
+        for _ in range(5):
+            await http.get(
+                "/ticks/realtime?symbols=AAPL", headers={"Authorization": f"Bearer {key}"}
+            )
+    await ws.close()
+
+    s.redis.kill()
+    s.redis.start()  # with its data: same epoch, seq goes on
+    ws, _ = await s.client(key)
+    await send(ws, op="subscribe", id="re", symbols=["AAPL"], from_seq={"AAPL": last}, epoch=epoch)
+    resumed = None
+    while resumed is None:
+        for ev in await recv_events(ws, timeout=15):
+            assert ev["type"] != "error", ev
+            if ev["type"] == "resumed":
+                resumed = ev
+    assert resumed["epoch"] == epoch and resumed["from_seq"] == last
+    await ws.close()

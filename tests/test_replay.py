@@ -18,8 +18,9 @@ import orjson
 import polars as pl
 import pytest
 
-from server.store import SCHEMA, write_file
-from tests.harness import Stack, next_event, recv_events, send, write_history
+from server.history.store import write_file
+from server.ticks import STORED_SCHEMA
+from tests.harness import Stack, eventually, next_event, recv_events, send, write_history
 from tickpipe.fingerprint import Fingerprint
 
 T0 = int(dt.datetime(2026, 3, 2, 14, 30, tzinfo=dt.UTC).timestamp()) * 10**9
@@ -40,7 +41,7 @@ def _rows() -> list[tuple]:
             seq += 1
             if sym == "CCC" and GAP[0] <= seq <= GAP[1]:
                 seq = GAP[1] + 1
-            row = dict.fromkeys(SCHEMA)
+            row = dict.fromkeys(STORED_SCHEMA)
             row.update(sym=sym, ts=T0 + ms * MS, epoch=7, seq=seq, venue="X")
             if i % 3 == 0:
                 row.update(type="trade", price=100.0 + i / 100, size=float(1 + i % 5))
@@ -48,7 +49,7 @@ def _rows() -> list[tuple]:
             else:
                 row.update(type="quote", bid=99.5 + i / 100, ask=100.5 + i / 100, crossed=False)
                 row.update(bid_size=2.0, ask_size=3.0 if i % 7 else None)
-            rows.append(tuple(row[k] for k in SCHEMA))
+            rows.append(tuple(row[k] for k in STORED_SCHEMA))
     return rows
 
 
@@ -83,6 +84,27 @@ async def replay_all(ws, rid: Any, timeout: float = 20.0) -> tuple[list[dict], d
             if ev.get("replay") == rid or (ev["type"] == "gap" and ev["id"] == rid):
                 events.append(ev)
             assert ev["type"] != "error", ev
+
+
+def write_dense_quotes(stack: Stack, n_rows: int) -> None:
+    """``n_rows`` quotes of S0 and S1 in turn, 1 ms apart from ``T0``, as one stored file."""
+    k = pl.col("k")
+    quotes = {
+        "sym": pl.format("S{}", k % 2),
+        "type": pl.lit("quote"),
+        "ts": (pl.lit(T0, pl.Int64) + k * MS).cast(pl.Datetime("ns", "UTC")),
+        "epoch": pl.lit(1, pl.Int64),
+        "seq": k // 2 + 1,
+        "bid": pl.lit(1.0),
+        "bid_size": pl.lit(1.0),
+        "ask": pl.lit(2.0),
+        "ask_size": pl.lit(1.0),
+        "crossed": pl.lit(False),
+    }
+    frame = pl.DataFrame({"k": pl.int_range(0, n_rows, eager=True)}).select(
+        quotes.get(c, pl.lit(None)).cast(t).alias(c) for c, t in STORED_SCHEMA.items()
+    )
+    write_file(stack.data_dir / "history", frame, "1-0", "1-9")
 
 
 async def rest_get(stack: Stack, key: str, **params: Any) -> httpx.Response:
@@ -181,6 +203,13 @@ async def test_an_enriched_replay_carries_derived_fields_and_the_rest_fingerprin
     assert all(t["aggressor"] in ("buy", "sell") for t in trades[1:])
     rest = await rest_fingerprint(hist, key, symbols="AAA", start=T0, end=END, enriched="true")
     assert rest["fingerprint"] == done["fingerprint"] and rest["count"] == len(events)
+    # The replay reads window by window; each trade's aggressor is the one-query export's.
+    r = await rest_get(hist, key, symbols="AAA", start=T0, end=END, enriched="true",
+                       format="ndjson")  # fmt: skip
+    exported = [orjson.loads(line) for line in r.content.splitlines()]
+    assert [t.get("aggressor") for t in trades] == [
+        e.get("aggressor") for e in exported if e["type"] == "trade"
+    ]
 
 
 async def test_replay_paces_events_on_a_virtual_clock(hist: Stack) -> None:
@@ -340,18 +369,22 @@ async def _health(stack: Stack) -> dict:
         return (await http.get("/healthz")).json()
 
 
+async def replay_figures(stack: Stack) -> dict:
+    return (await _health(stack))["replays"]
+
+
+IDLE = {"active": 0, "open_readers": 0, "rows_held": 0}
+
+
 async def test_a_client_that_leaves_mid_replay_frees_everything(hist: Stack) -> None:
-    ws, _ = await hist.client(hist.key("leaver", ["replay"]))
+    ws, _ = await hist.client(hist.key("leaver", ["replay"]), close_timeout=0.5)
     for rid in ("x1", "x2", "x3"):
         await send(ws, op="replay", id=rid, symbols=SYMS, start=T0, end=END, speed=1)
     await next_event(ws, "trade", replay="x3")
     during = await _health(hist)
     assert during["replays"]["active"] >= 3
     await ws.close()
-    deadline = time.monotonic() + 10
-    while (now := await _health(hist))["replays"] != {"active": 0, "open_readers": 0}:
-        assert time.monotonic() < deadline, now
-        await asyncio.sleep(0.1)
+    await eventually(lambda: replay_figures(hist), IDLE.__eq__)
 
 
 async def test_a_client_that_cannot_keep_up_slows_the_replay_and_is_told(
@@ -361,23 +394,7 @@ async def test_a_client_that_cannot_keep_up_slows_the_replay_and_is_told(
     replay (and says so) rather than buffering; nothing is lost and the socket stays open."""
     s = Stack(tmp_path, feed=False, replay_buffer_bytes=4096)
     n_rows = 300_000  # quotes of 2 symbols, 1 ms apart: 300 s of market time, 6 s at speed 50
-    k = pl.col("k")
-    quotes = {
-        "sym": pl.format("S{}", k % 2),
-        "type": pl.lit("quote"),
-        "ts": (pl.lit(T0, pl.Int64) + k * MS).cast(pl.Datetime("ns", "UTC")),
-        "epoch": pl.lit(1, pl.Int64),
-        "seq": k // 2 + 1,
-        "bid": pl.lit(1.0),
-        "bid_size": pl.lit(1.0),
-        "ask": pl.lit(2.0),
-        "ask_size": pl.lit(1.0),
-        "crossed": pl.lit(False),
-    }
-    frame = pl.DataFrame({"k": pl.int_range(0, n_rows, eager=True)}).select(
-        quotes.get(c, pl.lit(None)).cast(t).alias(c) for c, t in SCHEMA.items()
-    )
-    write_file(s.data_dir / "history", frame, "1-0", "1-9")
+    write_dense_quotes(s, n_rows)
     s.start()
     try:
         ws, _ = await s.client(s.key("slow", ["replay"]), max_size=None, max_queue=1)
@@ -398,3 +415,56 @@ async def test_a_client_that_cannot_keep_up_slows_the_replay_and_is_told(
         assert done[0]["count"] == n_rows == n + 1  # the first quote was read above
     finally:
         s.stop()
+
+
+def _history(stack: Stack) -> Stack:
+    root = stack.data_dir / "history"
+    half = len(ROWS) // 2
+    write_history(root, ROWS[:half], "1-0", "1-9")
+    write_history(root, ROWS[half:], "2-0", "2-9")
+    return stack
+
+
+async def test_sockets_closed_without_reading_leave_no_replay_running(tmp_path) -> None:
+    """Cycles of: open a socket, ask for 10 slow replays, close it without reading. Every
+    replay stops and frees its reader, also those still starting when the socket closed, and
+    the server shuts down with no task left pending."""
+    s = _history(Stack(tmp_path, feed=False, max_msgs_per_s=200)).start()
+    try:
+        key = s.key("hit-and-run", ["replay"])
+        for _ in range(6):
+            ws, _ = await s.client(key)
+            for rid in range(10):
+                await send(ws, op="replay", id=rid, symbols=SYMS, start=T0, end=END,
+                           speed=0.0001)  # fmt: skip
+            await ws.close()
+
+        await eventually(lambda: replay_figures(s), IDLE.__eq__)
+    finally:
+        s.stop()
+    assert "Task was destroyed" not in s.web.output()
+
+
+async def test_the_replays_of_one_socket_hold_one_shared_row_budget(tmp_path) -> None:
+    """Twenty paced replays of dense history on one socket: their open history queries hold
+    about ``replay_conn_rows`` rows together, not twenty windows' worth."""
+    budget = 40_000
+    s = Stack(tmp_path, feed=False, max_msgs_per_s=200, replay_conn_rows=budget,
+              replay_window_rows=20_000)  # fmt: skip
+    write_dense_quotes(s, 200_000)  # 1,000 rows per second of market time
+    s.start()
+    try:
+        ws, _ = await s.client(s.key("many", ["replay"]), close_timeout=0.5)
+        for rid in range(20):
+            await send(ws, op="replay", id=rid, symbols=["S0", "S1"], start=T0,
+                       end=T0 + 200_000 * MS, speed=1)  # fmt: skip
+        await eventually(lambda: replay_figures(s), lambda r: r["active"] == 20)
+        held = []
+        for _ in range(30):  # three seconds of samples while all twenty read
+            held.append((await replay_figures(s))["rows_held"])
+            await asyncio.sleep(0.1)
+        await ws.close()
+        await eventually(lambda: replay_figures(s), IDLE.__eq__)
+    finally:
+        s.stop()
+    assert 0 < max(held) <= 2 * budget, held

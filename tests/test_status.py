@@ -7,11 +7,12 @@ import asyncio
 import time
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Stack, next_event, recv_events, send
+from tests.harness import Stack, eventually, next_event, recv_events, send
 
 STATES = {"up", "degraded", "down"}
 
@@ -30,19 +31,25 @@ def agent(stack: Stack) -> str:
     return stack.key("status-agent", ("realtime",))
 
 
-async def _full_status(stack: Stack, key: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The admin form, once the board has done a round that saw the feed publishing."""
-    deadline = time.monotonic() + timeout
+async def _full_status(
+    stack: Stack, key: str, timeout: float = 10.0, up: tuple[str, ...] = ("feed:sim",)
+) -> dict[str, Any]:
+    """The admin form, once the board has done a round that saw the feed publishing (and the
+    other parts in ``up`` up: a recorder's first heartbeat comes a second after it starts)."""
+
+    def ready(r: httpx.Response) -> bool:
+        if r.status_code != 200:
+            return False
+        body = r.json()
+        parts = [_part(body, pid) for pid in up]
+        return all(p and p["state"] == "up" for p in parts) and bool(body["symbols"])
+
     async with stack.http() as http:
-        while True:
-            r = await http.get("/status", headers=_auth(key))
-            if r.status_code == 200:
-                body = r.json()
-                feed = _part(body, "feed:sim")
-                if feed and feed["state"] == "up" and body["symbols"]:
-                    return body
-            assert time.monotonic() < deadline, f"status never showed the feed up: {r.text[:500]}"
-            await asyncio.sleep(0.3)
+        r = await eventually(
+            lambda: http.get("/status", headers=_auth(key)), ready, timeout, 0.3, f"{up} up"
+        )
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def _part(report: dict[str, Any], pid: str) -> dict[str, Any] | None:
@@ -72,10 +79,13 @@ async def test_status_with_wrong_or_revoked_key_is_unauthorized(stack: Stack) ->
     async with stack.http() as http:
         assert (await http.get("/status", headers=_auth(key))).status_code in (200, 503)
         assert stack.keys.revoke("status-soon-revoked") == 1
-        deadline = time.monotonic() + 5
-        while (r := await http.get("/status", headers=_auth(key))).status_code != 401:
-            assert time.monotonic() < deadline, "a revoked key still reads the full status"
-            await asyncio.sleep(0.2)
+        r = await eventually(
+            lambda: http.get("/status", headers=_auth(key)),
+            lambda r: r.status_code == 401,
+            5,
+            0.2,
+            "a revoked key refused",
+        )
         assert r.json()["error"]["code"] == "unauthorized"
         r = await http.get("/status", headers=_auth("tp_not-a-real-key"))
         assert r.status_code == 401
@@ -116,7 +126,7 @@ async def test_web_process_leaves_a_short_lived_heartbeat_in_redis(
     body = await _full_status(stack, admin)
     r = redis.Redis.from_url(stack.redis.url)
     try:
-        key = "tp:web:" + body["web_process"].removeprefix("web:")
+        key = "tp:{ops}:web:" + body["web_process"].removeprefix("web:")
         figures = r.hgetall(key)
         assert figures[b"connections"] is not None and int(figures[b"updated_ns"]) > 0
         assert 0 < r.ttl(key) <= 3, "a dead web process must vanish within seconds"
@@ -269,8 +279,7 @@ async def test_stopped_feed_and_recorder_show_down_and_symbols_stale_within_seco
 ) -> None:
     s = own_stack(recorder=True)
     key = s.key("ops", ("admin",))
-    body = await _full_status(s, key)
-    assert _part(body, "recorder")["state"] == "up"  # type: ignore[index]
+    await _full_status(s, key, up=("feed:sim", "recorder"))
     assert s.feed is not None and s.recorder is not None
     s.feed.stop()
     s.recorder.stop()
@@ -289,3 +298,28 @@ async def test_stopped_feed_and_recorder_show_down_and_symbols_stale_within_seco
     assert aapl["state"] == "degraded" and "stale" in aapl["reason"]
     assert body["status"] == "degraded"
     assert any(e["part"] == "feed:sim" and e["state"] == "down" for e in body["errors"])
+
+
+async def test_recorder_is_idle_not_lagging_when_the_feed_stops(own_stack: type[Stack]) -> None:
+    s = own_stack(recorder=True)
+    key = s.key("ops", ("admin",))
+    await _full_status(s, key, up=("feed:sim", "recorder"))
+    assert s.feed is not None
+    s.feed.stop()
+    stopped = time.monotonic()
+    async with s.http() as http:
+        while True:
+            rec = _part((await http.get("/status", headers=_auth(key))).json(), "recorder")
+            assert rec is not None
+            if rec["reason"].startswith("idle"):
+                break
+            assert time.monotonic() - stopped < 10, rec
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(2.0)
+        later = _part((await http.get("/status", headers=_auth(key))).json(), "recorder")
+    assert rec["state"] == later["state"] == "up"  # type: ignore[index]
+    assert "every published tick is stored" in rec["reason"]
+    # caught up: no lag, however long the feed has been quiet; the quiet time is its own figure
+    assert rec["figures"]["lag_s"] == later["figures"]["lag_s"] == 0  # type: ignore[index]
+    assert later["figures"]["idle_s"] > rec["figures"]["idle_s"] >= 2  # type: ignore[index]
+    assert later["reason"].startswith("idle")  # type: ignore[index]

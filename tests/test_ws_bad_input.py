@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 
-from server.protocol import CloseCode
+from server.wire import CloseCode
 from tests.harness import Stack, close_code, next_event, send
 
 
@@ -114,6 +114,7 @@ async def test_flooding_messages_get_rate_limited_then_disconnected_4029(stack: 
     code, events = await close_code(ws)
     assert code == CloseCode.RATE_LIMITED == 4029
     assert any(e.get("code") == "rate_limited" and e.get("fatal") for e in events)
+    assert ws.close_reason.startswith("rate_limited: far over")
 
 
 async def test_bad_input_on_one_connection_leaves_others_streaming(stack: Stack) -> None:
@@ -141,3 +142,4 @@ async def test_a_stream_of_garbage_is_closed_as_bad_request_4000(stack: Stack) -
     code, events = await close_code(ws)
     assert code == CloseCode.BAD_REQUEST == 4000
     assert events[-1]["code"] == "bad_request" and events[-1]["fatal"] is True
+    assert ws.close_reason.startswith("bad_request: 20 unusable messages in a row")

@@ -1,6 +1,25 @@
 """tickpipe's Python client: ``from tickpipe import Client``."""
 
-from tickpipe.client import Client, Replay, ResumeUnavailable, SyncClient, TickpipeError
+from tickpipe.client import (
+    Client,
+    Loss,
+    Replay,
+    ResumeUnavailable,
+    Subscription,
+    SyncClient,
+    TickpipeError,
+    UpstreamGap,
+)
 from tickpipe.fingerprint import Fingerprint
 
-__all__ = ["Client", "Fingerprint", "Replay", "ResumeUnavailable", "SyncClient", "TickpipeError"]
+__all__ = [
+    "Client",
+    "Fingerprint",
+    "Loss",
+    "Replay",
+    "ResumeUnavailable",
+    "Subscription",
+    "SyncClient",
+    "TickpipeError",
+    "UpstreamGap",
+]

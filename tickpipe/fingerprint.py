@@ -72,7 +72,7 @@ def canonical_line(
 
 def canonical_event(event: Mapping[str, Any]) -> str:
     """The canonical line of a tick event as received (WebSocket event or NDJSON row)."""
-    values = [event.get(f) for f in FIELDS]
+    values: list[Any] = [event.get(f) for f in FIELDS]
     for i in _FLOAT_AT:
         if values[i] is not None:
             values[i] = float(values[i])

@@ -1,14 +1,17 @@
 // tickpipe operator dashboard: one WebSocket for service status frames and sampled live ticks.
 // The key lives in this tab's sessionStorage and is sent only in the first-message auth.
 import { createChart, LineSeries } from "/vendor/lightweight-charts/lightweight-charts.standalone.production.mjs";
+// Close codes that refuse the key itself (generated from server/wire.py): log out, say why.
+import { KEY_REFUSED as LOGOUT_CODES } from "./wire.js";
 
 const KEY_ITEM = "tickpipe-key";
 const THROTTLE_MS = 250;        // samples: latest trade and quote per symbol, 4 times a second
 const CHART_POINTS = 600;       // points kept for the charted symbol
 const HISTORY_POINTS = 120;     // points kept per other symbol, so switching shows a recent past
 const MAX_ERRORS = 20;
+// Empty bars right of the last point, so the label under it is never cut by the chart's edge.
+const RIGHT_OFFSET_BARS = 8;
 const LOCAL_STALE_S = 5;        // without status frames (non-admin key): stale after this
-const LOGOUT_CODES = { 4001: "key rejected", 4003: "key not allowed here", 4004: "key revoked" };
 
 const $ = (s) => document.querySelector(s);
 const el = (tag, cls, text) => {
@@ -149,6 +152,10 @@ const fmt = {
   n: (v) => (v === null || v === undefined ? "—" : Number(v).toLocaleString("en-US", { maximumFractionDigits: 1 })),
   s: (v) => (v === null || v === undefined || v < 0 ? "—" : v < 10 ? `${Number(v).toFixed(1)} s` : v < 120 ? `${Math.round(v)} s` : `${Math.round(v / 60)} min`),
   ms: (v) => (v === null || v === undefined ? "—" : `${Number(v).toFixed(2)} ms`),
+  // A latency from under a millisecond to days (a replayed capture's event times are old).
+  lat: (v) => (v === null || v === undefined ? "—" : v < 1000 ? `${Number(v).toFixed(v < 10 ? 2 : 0)} ms`
+    : v < 60e3 ? `${(v / 1e3).toFixed(1)} s` : v < 36e5 ? `${(v / 6e4).toFixed(0)} min`
+      : v < 864e5 ? `${(v / 36e5).toFixed(1)} h` : `${(v / 864e5).toFixed(0)} d`),
   mib: (v) => (v === null || v === undefined ? "—" : `${(v / 2 ** 20).toFixed(1)} MiB`),
 };
 
@@ -159,6 +166,7 @@ function keyFigures(part) {
       return [["latency", fmt.ms(f.latency_ms)], ["memory", fmt.mib(f.used_memory_bytes)],
         ["clients", fmt.n(f.connected_clients)], ["version", f.version || "—"]];
     case "feed": {
+      if (f.source) return sourceFigures(f.source, f);
       const rej = Object.values(f.rejected || {}).reduce((a, b) => a + b, 0);
       const last = (f.last_rejects || []).slice(-1)[0];
       return [["ticks/s", fmt.n(f.rate)], ["published", fmt.n(f.published)],
@@ -166,7 +174,8 @@ function keyFigures(part) {
         ["rejected", rej ? `${fmt.n(rej)}${last ? ` (${last.reason})` : ""}` : "0"]];
     }
     case "recorder":
-      return [["lag", fmt.s(f.lag_s)], ["batches waiting", fmt.n(f.lag_batches)],
+      return [["lag", fmt.s(f.lag_s)], ...(f.idle_s == null ? [] : [["idle for", fmt.s(f.idle_s)]]),
+        ["batches waiting", fmt.n(f.lag_batches)],
         ["ticks waiting", f.lag_ticks == null || f.lag_ticks < 0 ? "—" : `≈ ${fmt.n(f.lag_ticks)}`],
         ["rows stored", fmt.n(f.rows_stored)], ["last flush", f.last_flush_age_s == null ? "—" : `${fmt.s(f.last_flush_age_s)} ago`],
         ["write errors", fmt.n(f.write_errors || 0)], ["files compacted", fmt.n(f.files_compacted || 0)]];
@@ -178,6 +187,36 @@ function keyFigures(part) {
     default:
       return [];
   }
+}
+
+// A live venue source (a feed started with --source): its figures replace the feed's.
+function sourceFigures(src, f) {
+  const bad = (src.malformed || 0) + (src.unexpected || 0);
+  return [["symbols", (src.symbols || []).join(", ")], ["msgs/s", fmt.n(src.messages_per_s)],
+    ["ticks/s", fmt.n(f.rate)], ["latency p50", fmt.lat(src.latency_p50_ms)],
+    ["latency p99", fmt.lat(src.latency_p99_ms)], ["reconnects", fmt.n(src.reconnects)],
+    ["upstream gaps", src.upstream_gaps ? `${fmt.n(src.upstream_gaps)} (${fmt.n(src.missing_trades)} trades)` : "0"],
+    ["bad messages", fmt.n(bad)], ["venue errors", fmt.n(src.venue_errors)],
+    ["last error", src.last_error || "—"]];
+}
+
+// The last minute's latency (each second's median), as a small line: no axes, its range in the title.
+const SVG = "http://www.w3.org/2000/svg";
+function sparkline(t, values) {
+  if (!t.spark) {
+    t.spark = document.createElementNS(SVG, "svg");
+    t.spark.setAttribute("class", "spark");
+    t.spark.setAttribute("viewBox", "0 0 100 20");
+    t.spark.setAttribute("preserveAspectRatio", "none");
+    t.spark.append(document.createElementNS(SVG, "polyline"));
+    t.tile.insertBefore(t.spark, t.dl);
+  }
+  const v = values || [];
+  const lo = Math.min(...v), hi = Math.max(...v);
+  const points = v.map((x, i) => `${v.length > 1 ? (i * 100) / (v.length - 1) : 50},${hi > lo ? 19 - ((x - lo) * 18) / (hi - lo) : 10}`);
+  t.spark.firstChild.setAttribute("points", points.join(" "));
+  t.spark.dataset.points = String(v.length);
+  t.spark.setAttribute("aria-label", v.length ? `latency ${fmt.lat(lo)} to ${fmt.lat(hi)} over the last minute` : "no latency yet");
 }
 
 function tile(part) {
@@ -199,14 +238,36 @@ function tile(part) {
   return t;
 }
 
+// Tiles share each row's width: as many columns as fit, spread evenly over the rows they need.
+const TILE_MIN_REM = 15;
+function layoutTiles() {
+  const box = $("#tiles");
+  const n = S.tiles.size;
+  if (!n || !box.clientWidth) return;
+  const rem = parseFloat(getComputedStyle(document.documentElement).fontSize);
+  const gap = parseFloat(getComputedStyle(box).columnGap) || 0;
+  const fit = Math.max(1, Math.floor((box.clientWidth + gap) / (TILE_MIN_REM * rem + gap)));
+  const cols = Math.ceil(n / Math.ceil(n / fit));
+  if (box.style.getPropertyValue("--tile-cols") !== String(cols)) box.style.setProperty("--tile-cols", cols);
+}
+new ResizeObserver(layoutTiles).observe($("#tiles"));
+
 function renderTiles(parts) {
   const ids = new Set(parts.map((p) => p.id));
+  const before = S.tiles.size;
   for (const [id, t] of S.tiles) if (!ids.has(id)) { t.tile.remove(); S.tiles.delete(id); }
   for (const part of parts) {
     const t = tile(part);
+    const src = part.figures && part.figures.source;
     t.tile.dataset.state = part.state;
     t.state.dataset.state = part.state;
-    t.state.textContent = part.state;
+    // A source's own state (connecting, live, reconnecting, down), coloured by the part's.
+    t.state.textContent = src ? src.state : part.state;
+    if (src) {
+      t.tile.dataset.kind = "source";
+      t.tile.dataset.source = src.state;
+      sparkline(t, src.latency_ms);
+    }
     t.reason.textContent = part.reason;
     t.tile.title = part.reason;
     const figs = keyFigures(part);
@@ -216,6 +277,7 @@ function renderTiles(parts) {
       t.dl.replaceChildren(...figs.flatMap(([k, v]) => [el("dt", "", k), el("dd", "", v)]));
     }
   }
+  if (S.tiles.size !== before) layoutTiles();
 }
 
 function onStatus(ev) {
@@ -314,19 +376,19 @@ function makeChart() {
   S.chart = createChart($("#chart"), {
     autoSize: true,
     ...chartColors(),
-    timeScale: { timeVisible: true, secondsVisible: true },
+    timeScale: { timeVisible: true, secondsVisible: true, rightOffset: RIGHT_OFFSET_BARS },
     rightPriceScale: { borderVisible: false },
   });
   S.series = S.chart.addSeries(LineSeries, { color: cssVar("--accent"), lineWidth: 2 });
 }
 
-function addPoint(sym, tsNs, price) {
+function addPoint(sym, tsNs, value) {
   const time = Math.floor(tsNs / 1e9);
   let h = S.history.get(sym);
   if (!h) { h = []; S.history.set(sym, h); }
   const last = h[h.length - 1];
   if (last && time < last.time) return; // out of order after a reconnect: skip
-  if (last && last.time === time) last.value = price; else h.push({ time, value: price });
+  if (last && last.time === time) last.value = value; else h.push({ time, value });
   if (!S.chartSym) chooseSymbol(sym);
   if (sym !== S.chartSym) {
     if (h.length > HISTORY_POINTS * 1.5) h.splice(0, h.length - HISTORY_POINTS);
@@ -336,9 +398,10 @@ function addPoint(sym, tsNs, price) {
     h.splice(0, h.length - CHART_POINTS);
     S.series.setData(h);
   } else {
-    S.series.update({ time, value: price });
+    S.series.update({ time, value });
   }
-  $("#chart-last").textContent = `${price}`;
+  // as the symbol table shows it (same decimals for every price of the symbol)
+  $("#chart-last").textContent = S.rows.get(sym)?.cells.last.textContent ?? String(value);
 }
 
 function chooseSymbol(sym) {
@@ -401,12 +464,26 @@ $("#theme").onclick = () => {
 matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => applyTheme(document.documentElement.dataset.theme));
 $("#theme").textContent = `theme: ${document.documentElement.dataset.theme}`;
 
+// A new login starts clean: nothing said about an earlier key (a rejected one, or another
+// key's service status) stays on the page.
+function resetSession() {
+  S.localErrors = [];
+  S.status = null;
+  S.errorsSig = null;
+  S.redisInterrupted = false;
+  for (const t of S.tiles.values()) t.tile.remove();
+  S.tiles.clear();
+  hideBanner();
+  renderErrors();
+}
+
 $("#login").onsubmit = (e) => {
   e.preventDefault();
   const key = $("#key").value.trim();
   if (!key) { $("#login-error").textContent = "paste a key first"; return; }
   $("#key").value = "";
   $("#login-error").textContent = "";
+  resetSession();
   sessionStorage.setItem(KEY_ITEM, key);
   S.key = key;
   S.retry = 500;

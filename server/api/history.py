@@ -2,7 +2,8 @@
 or Arrow IPC, for a key with the ``historical`` scope; ``GET /ticks/gaps``: where stored ``seq``
 is not contiguous in a range.
 
-Queries run in a worker thread (``server.history``); NDJSON, CSV and Arrow stream chunk by chunk.
+Queries run in a worker thread (``server.history.query``); NDJSON, CSV and Arrow stream chunk by
+chunk.
 """
 
 from __future__ import annotations
@@ -10,25 +11,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
-import io
+import errno
+import logging
 import os
-import struct
+import re
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
+import duckdb
 import orjson
 import polars as pl
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from server.api.encoders import COMPRESSIONS, ArrowStream, CsvRows, Encoder, NdjsonLines
 from server.api.errors import ApiError, require_key
+from server.api.params import parse_flag, parse_int, parse_time
+from server.api.queries import ROWS, RowCount
+from server.api.state import AppState
 from server.api.ticks import parse_symbols
 from server.auth import ApiKey
-from server.bus import LOG_KEY
-from server.history import (
+from server.history.merge import MergeReader, gap_count, open_reader
+from server.history.query import (
+    FLAGGED,
     INTERVAL_NS,
     INTERVALS,
     TYPES,
@@ -39,21 +47,21 @@ from server.history import (
     decode_cursor,
     encode_cursor,
     find_gaps,
-    tail_frame,
 )
+from server.history.store import history_dir, known_symbols
+from server.history.tail import logs_frame
+from server.live.bus import UPSTREAM_GAPS_KEPT, stream_entries
 from server.replay import fingerprint_range
-from server.store import history_dir, stored_symbols
 
-if TYPE_CHECKING:
-    from server.api.app import AppState
-
-_Encoder = Callable[[pl.DataFrame | None, dict[str, object]], bytes]
+log = logging.getLogger("tickpipe.history")
 MAX_HISTORICAL_SYMBOLS = 1000
 DEFAULT_LIMIT = 10_000
 MAX_LIMIT = 100_000
 # JSON pages hold their rows in memory; longer ranges should use a streaming format.
 MAX_JSON_RANGE_NS = 31 * 86_400 * 10**9
-CHUNK_ROWS = 50_000
+# Rows per encoded chunk of a streamed answer: big enough that the per-chunk costs vanish,
+# small enough that one chunk of NDJSON is a few tens of MB.
+CHUNK_ROWS = 131_072
 # JSON bars are one answer held in memory: at most this many (empty intervals are absent, so
 # this bounds the worst case: every interval of every symbol traded).
 MAX_JSON_BARS = 1_000_000
@@ -71,40 +79,7 @@ GAPS_HEADER = "X-Tickpipe-Gaps"
 # unrecorded than a query reads (the recorder is far behind; the newest ticks are missing).
 TAIL_HEADER = "X-Tickpipe-Unrecorded"
 
-
-def parse_time(name: str, raw: str | None) -> int:
-    """ISO-8601 (naive means UTC) or integer ns -> integer ns UTC, or a 422 saying why not."""
-    if raw is None or not raw.strip():
-        raise ApiError(
-            422, "bad_parameter", f"{name} is required: ISO-8601 (e.g. 2026-01-02T14:30:00Z) or ns"
-        )
-    raw = raw.strip()
-    if raw.lstrip("-").isdigit():
-        ns = int(raw)
-        if abs(ns) >= 2**63 - 86_400 * 10**9:
-            raise ApiError(422, "bad_parameter", f"{name} is out of range for nanoseconds")
-        return ns
-    try:
-        # An unescaped "+01:00" in a query string arrives as " 01:00".
-        if "T" in raw and raw.count(" ") == 1:
-            raw = raw.replace(" ", "+")
-        when = dt.datetime.fromisoformat(raw)
-    except ValueError:
-        raise ApiError(
-            422,
-            "bad_parameter",
-            f"{name}={raw[:64]!r} is not a time: use ISO-8601 (e.g. 2026-01-02T14:30:00Z, "
-            "naive means UTC) or integer nanoseconds since the epoch",
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    ns = (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
-    if abs(ns) >= 2**63 - 86_400 * 10**9:
-        raise ApiError(
-            422, "bad_parameter", f"{name}={raw[:64]!r} is out of range (years 1678 to 2262)"
-        )
-    return ns
+R = TypeVar("R")
 
 
 def _choose_format(request: Request) -> str:
@@ -140,7 +115,8 @@ def parse_range(request: Request) -> tuple[list[str], int, int]:
     return syms, start_ns, end_ns
 
 
-def _require_entitled(key: ApiKey, syms: list[str]) -> None:
+def require_entitled(key: ApiKey, syms: list[str]) -> None:
+    """A 403 ``not_entitled`` naming the symbols ``key`` may not see, if any."""
     denied = [s for s in syms if not key.allows(s)]
     if denied:
         raise ApiError(
@@ -151,7 +127,7 @@ def _require_entitled(key: ApiKey, syms: list[str]) -> None:
 async def unknown_symbols(st: AppState, syms: list[str]) -> list[str]:
     """The symbols no feed ever published (Redis ``tp:symbols``) and the store never held
     (``history/symbols.txt``): nothing about them can ever be answered."""
-    stored = await asyncio.to_thread(stored_symbols, history_dir(st.settings))
+    stored = known_symbols(history_dir(st.settings))
     maybe = [s for s in syms if s not in stored]
     if not maybe:
         return []
@@ -163,7 +139,12 @@ async def unknown_symbols(st: AppState, syms: list[str]) -> list[str]:
 
 
 async def _require_known(request: Request, syms: list[str]) -> None:
-    unknown = await unknown_symbols(request.app.state.tp, syms)
+    await require_known(request.app.state.tp, syms)
+
+
+async def require_known(st: AppState, syms: list[str]) -> None:
+    """A 404 ``unknown_symbol`` naming the symbols nothing can be answered about, if any."""
+    unknown = await unknown_symbols(st, syms)
     if unknown:
         raise ApiError(
             404,
@@ -192,7 +173,16 @@ def _parse_query(request: Request, fmt: str) -> HistoryQuery:
             f"interval={interval[:16]!r} is unknown; choose one of {', '.join(INTERVALS)}",
             valid=list(INTERVALS),
         )
-    enriched = qp.get("enriched", "false").lower() in ("1", "true", "yes")
+    enriched = parse_flag("enriched", qp.get("enriched"))
+    flagged = qp.get("flagged", "include").lower()
+    if flagged not in FLAGGED:
+        raise ApiError(
+            422,
+            "bad_parameter",
+            f"flagged={flagged[:16]!r} is not valid: include (default), exclude or only the "
+            "ticks a vendor flagged",
+            valid=list(FLAGGED),
+        )
     limit: int | None = None
     after = None
     if fmt == "json":
@@ -203,12 +193,7 @@ def _parse_query(request: Request, fmt: str) -> HistoryQuery:
                 f"JSON answers ranges up to {MAX_JSON_RANGE_NS // 86_400 // 10**9} days; "
                 "use format=ndjson or format=arrow to stream a longer range",
             )
-        try:
-            limit = int(qp.get("limit", DEFAULT_LIMIT))
-        except ValueError:
-            raise ApiError(422, "bad_parameter", "limit is an integer") from None
-        if not 1 <= limit <= MAX_LIMIT:
-            raise ApiError(422, "bad_parameter", f"limit is between 1 and {MAX_LIMIT}")
+        limit = parse_int("limit", qp.get("limit"), DEFAULT_LIMIT, 1, MAX_LIMIT)
         if qp.get("cursor") and interval is None:
             try:
                 after = decode_cursor(qp["cursor"])
@@ -225,7 +210,9 @@ def _parse_query(request: Request, fmt: str) -> HistoryQuery:
                 f"than JSON answers at once ({MAX_JSON_BARS:,}); use format=ndjson or "
                 "format=arrow, a longer interval, or a shorter range",
             )
-    q = HistoryQuery(syms, start_ns, end_ns, types, enriched, interval, after, limit)
+    q = HistoryQuery(
+        syms, start_ns, end_ns, types, enriched, interval, after, limit, flagged=flagged
+    )
     raw_fields = qp.get("fields")
     if raw_fields is None:
         return q
@@ -252,49 +239,100 @@ def _corrupt(exc: CorruptHistory) -> ApiError:
     )
 
 
+def _encoder(request: Request, fmt: str, q: HistoryQuery) -> Encoder | None:
+    """The body encoder of a streamed format, with the Arrow options asked for (a 422 for an
+    option that does not apply to the format)."""
+    qp = request.query_params
+    dictionary = parse_flag("dictionary", qp.get("dictionary"))
+    compression = qp.get("compression", "none").strip().lower()
+    if compression not in ("none", *COMPRESSIONS):
+        raise ApiError(
+            422,
+            "bad_parameter",
+            f"compression={compression[:16]!r} is unknown; choose one of none, "
+            f"{', '.join(COMPRESSIONS)} (Arrow IPC buffer compression)",
+            valid=["none", *COMPRESSIONS],
+        )
+    if fmt != "arrow" and (dictionary or compression != "none"):
+        raise ApiError(
+            422,
+            "bad_parameter",
+            "dictionary and compression apply to format=arrow only; leave them out for "
+            f"format={fmt}",
+        )
+    if fmt == "arrow":
+        chosen = next((c for c in COMPRESSIONS if c == compression), None)
+        return ArrowStream(q.syms, dictionary, chosen)
+    if fmt == "ndjson":
+        return NdjsonLines()
+    if fmt == "csv":
+        return CsvRows()
+    return None
+
+
 async def historical(request: Request) -> Response:
     key = require_key(request, "historical")
     fmt = _choose_format(request)
     q = _parse_query(request, fmt)
-    _require_entitled(key, q.syms)
+    encoder = _encoder(request, fmt, q)
+    fingerprint = parse_flag("fingerprint", request.query_params.get("fingerprint"))
+    if fingerprint and q.interval is not None:
+        raise ApiError(422, "bad_parameter", "fingerprint is for ticks, not bars")
+    require_entitled(key, q.syms)
     await _require_known(request, q.syms)
     source, unrecorded = await read_source(request, q.end_ns)
+    if encoder is not None and not fingerprint:
+        # One worker step counts the gaps, opens the query, reads and encodes the first chunk
+        # (a corrupt file fails here, before the 200).
+        counter = RowCount()
+        if fmt in ("ndjson", "csv"):  # the query log's row count, without counting lines
+            request.scope[ROWS] = counter
+        opened = await _run(_open_stream, source, q, encoder, fmt != "arrow", counter)
+        n_gaps, reader, chunks, first_body = opened
+        return _Answer(
+            lambda started: _stream(first_body, chunks, encoder, reader, started),
+            lambda: _close(chunks, reader),
+            media_type=MEDIA[fmt],
+            headers={GAPS_HEADER: str(n_gaps), TAIL_HEADER: unrecorded},
+        )
     # Gaps of the whole range (all types), so a caller knows the answer is not complete.
-    found, _changes = await _run(find_gaps, source, q.syms, q.start_ns, q.end_ns)
-    headers = {GAPS_HEADER: str(len(found)), TAIL_HEADER: unrecorded}
-    if request.query_params.get("fingerprint", "false").lower() in ("1", "true", "yes"):
-        if q.interval is not None:
-            raise ApiError(422, "bad_parameter", "fingerprint is for ticks, not bars")
+    n_gaps = await _run(gap_count, source, q.syms, q.start_ns, q.end_ns)
+    headers = {GAPS_HEADER: str(n_gaps), TAIL_HEADER: unrecorded}
+    if fingerprint:
         whole = dataclasses.replace(q, limit=None, after=None, fields=None)
         body = await _run(fingerprint_range, source, whole)
         return Response(
-            orjson.dumps({**body, "gaps": len(found)}), media_type=MEDIA["json"], headers=headers
+            orjson.dumps({**body, "gaps": n_gaps}), media_type=MEDIA["json"], headers=headers
         )
     if fmt == "json":
-        body = await _run(_json_page, source, q, len(found))
-        return Response(body, media_type=MEDIA["json"], headers=headers)
-    if fmt == "parquet":
-        path = await _run(_parquet_file, source, q)
-        return _Answer(
-            lambda started: _file_chunks(path, started),
-            lambda: path.unlink(missing_ok=True),
-            media_type=MEDIA["parquet"],
-            headers=headers,
-        )
-    encode = {"ndjson": _ndjson, "csv": _csv, "arrow": _arrow}[fmt]
-    reader = await _run(HistoryReader, source, q)
-    chunks = _frames(reader, ns_ints=fmt != "arrow")
-    try:
-        first = await _run(next, chunks, None)  # a corrupt file fails here, before the 200
-    except BaseException:
-        await asyncio.to_thread(_close, chunks, reader)
-        raise
+        page = await _run(_json_page, source, q, n_gaps)
+        return Response(page, media_type=MEDIA["json"], headers=headers)
+    path = await _run(_parquet_file, source, q)
     return _Answer(
-        lambda started: _stream(first, chunks, encode, reader, started),
-        lambda: _close(chunks, reader),
-        media_type=MEDIA[fmt],
+        lambda started: _file_chunks(path, started),
+        lambda: path.unlink(missing_ok=True),
+        media_type=MEDIA["parquet"],
         headers=headers,
     )
+
+
+def _open_stream(
+    source: Source, q: HistoryQuery, encoder: Encoder, ns_ints: bool, counter: RowCount
+) -> tuple[int, HistoryReader | MergeReader, Generator[pl.DataFrame, None, None], bytes]:
+    """(gap count, the open query, its remaining chunks, the first chunk encoded). With no rows
+    the answer still has its columns (CSV header, Arrow schema). ``counter`` counts the rows
+    read."""
+    n_gaps = gap_count(source, q.syms, q.start_ns, q.end_ns)
+    reader = open_reader(source, q)
+    chunks = _frames(reader, ns_ints, counter)
+    try:
+        first = next(chunks, None)
+        if first is None:
+            first = q.empty(ns_ints=ns_ints)
+        return n_gaps, reader, chunks, encoder.encode(first)
+    except BaseException:
+        _close(chunks, reader)
+        raise
 
 
 class _Answer(StreamingResponse):
@@ -324,46 +362,122 @@ async def gaps(request: Request) -> Response:
     """Holes in stored ``seq`` per (symbol, epoch) and epoch changes in [start, end)."""
     key = require_key(request, "historical")
     syms, start_ns, end_ns = parse_range(request)
-    _require_entitled(key, syms)
+    require_entitled(key, syms)
     await _require_known(request, syms)
     source, _unrecorded = await read_source(request, end_ns)
     found, changes = await _run(find_gaps, source, syms, start_ns, end_ns)
-    body = {"gaps": found, "epoch_changes": changes, "count": len(found)}
+    body = {
+        "gaps": found,
+        "epoch_changes": changes,
+        "count": len(found),
+        "upstream_gaps": await _upstream_gaps(request.app.state.tp, syms, start_ns, end_ns),
+    }
     return Response(orjson.dumps(body), media_type=MEDIA["json"])
+
+
+async def _upstream_gaps(
+    tp: AppState, syms: list[str], start_ns: int, end_ns: int
+) -> list[dict[str, Any]] | None:
+    """Holes in venues' own trade ids that live sources found in the range (each marked
+    ``upstream``), from the last ``UPSTREAM_GAPS_KEPT`` kept in Redis; None if Redis is down."""
+    wanted = set(syms)
+    try:
+        found = await tp.bus.upstream_gaps(start_ns, end_ns, UPSTREAM_GAPS_KEPT)
+    except (RedisError, OSError):
+        return None
+    return [
+        {k: v for k, v in g.items() if k not in ("type", "code", "message")} | {"upstream": True}
+        for g in found
+        if g["sym"] in wanted
+    ]
 
 
 async def read_source(request: Request, end_ns: int) -> tuple[Source, str]:
     """A snapshot of the store plus, when the range reaches past it, the log entries the recorder
     has not stored yet; and what to say about them in ``X-Tickpipe-Unrecorded``."""
-    tp = request.app.state.tp
+    return await source_for(request.app.state.tp, end_ns)
+
+
+async def source_for(tp: AppState, end_ns: int) -> tuple[Source, str]:
+    """``read_source`` for a caller that is not a Starlette request (MCP)."""
     source = await asyncio.to_thread(
-        Source.of, history_dir(tp.settings), tp.settings.history_query_memory_mb
+        Source.of,
+        history_dir(tp.settings),
+        tp.settings.history_query_memory_mb,
+        tp.settings.history_cache_mb,
+        tp.settings.history_merge,
     )
-    if not source.needs_tail(end_ns):
+    logs = tp.bus.layout.logs
+    if not source.needs_tail(end_ns, [name for name, _key in logs]):
         return source, "0"
     cap = tp.settings.history_tail_max_batches
     try:
-        entries = await tp.redis.xrange(LOG_KEY, min=source.tail_after, max="+", count=cap + 1)
+        # Each log from its own high-water mark (one log standalone, one per slot group on a
+        # cluster; the pipeline sends each read to the node that holds it).
+        async with tp.redis.pipeline(transaction=False) as pipe:
+            for name, key in logs:
+                ms, n = source.snapshot.high_water_of(name)
+                pipe.xrange(key, min=f"({ms}-{n}", max="+", count=cap + 1)
+            replies = await pipe.execute()
     except Exception:  # Redis down: answer from the store, and say so
         return source, "unavailable"
-    more = len(entries) > cap
-    source.tail = await asyncio.to_thread(tail_frame, entries[:cap], source.snapshot.high_water)
+    per_log = [
+        (stream_entries(reply)[:cap], source.snapshot.high_water_of(name))
+        for (name, _key), reply in zip(logs, replies, strict=True)
+    ]
+    more = any(len(stream_entries(reply)) > cap for reply in replies)
+    source.tail = await asyncio.to_thread(logs_frame, per_log)
     return source, f"{source.tail.height}{'+' if more else ''}"
 
 
-async def _run(fn, *args):  # type: ignore[no-untyped-def]
+async def run_query(fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)`` in a worker thread; a stored file that cannot be read is a 500
+    ``corrupt_history`` (REST and MCP)."""
+    return await _run(fn, *args)
+
+
+async def _run(fn: Callable[..., R], *args: Any) -> R:
     try:
         return await asyncio.to_thread(fn, *args)
     except CorruptHistory as exc:
         raise _corrupt(exc) from None
+    except (OSError, duckdb.IOException, duckdb.OutOfMemoryException) as exc:
+        raise _unavailable(exc) from None
 
 
-def _frames(reader: HistoryReader, ns_ints: bool) -> Iterator[pl.DataFrame]:
-    yield from reader.chunks(CHUNK_ROWS, ns_ints=ns_ints)
+def _unavailable(exc: Exception) -> ApiError:
+    """A query that ran out of disk (a Parquet answer or a sort's spill files are written to
+    ``<data_dir>/tmp``) or of memory: a 503 that says which, and what to do."""
+    text = str(exc)
+    inner = re.search(r'"exception_message":"((?:[^"\\]|\\.)*)"', text)  # DuckDB's own words
+    detail = orjson.loads(f'"{inner[1]}"') if inner else text.splitlines()[0] if text else ""
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        what = "out of memory for this query (history_query_memory_mb)"
+        todo = "ask for a shorter range or fewer symbols, or retry later"
+    elif getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
+        what = "disk full"
+        todo = (
+            "free space in the data dir's tmp/, or ask for format=arrow or ndjson (streamed, "
+            "no temporary file)"
+        )
+    else:
+        what = "the answer could not be written"
+        todo = "retry later; the server log has the details"
+        log.error("history query failed: %s", text)
+    return ApiError(503, "unavailable", f"{what}: {detail[:300]}; {todo}")
+
+
+def _frames(
+    reader: HistoryReader | MergeReader, ns_ints: bool, counter: RowCount | None = None
+) -> Generator[pl.DataFrame, None, None]:
+    for frame in reader.chunks(CHUNK_ROWS, ns_ints=ns_ints):
+        if counter is not None:
+            counter.n += frame.height
+        yield frame
 
 
 def _json_page(source: Source, q: HistoryQuery, gap_count: int) -> bytes:
-    reader = HistoryReader(source, q)
+    reader = open_reader(source, q)
     try:
         frames = list(reader.chunks(MAX_LIMIT, project=False))
     finally:
@@ -409,36 +523,30 @@ async def _file_chunks(path: Path, started: dict[str, bool]) -> AsyncIterator[by
         await asyncio.to_thread(path.unlink, True)
 
 
-def _encode_next(
-    chunks: Iterator[pl.DataFrame], encode: _Encoder, state: dict[str, object]
-) -> bytes | None:
+def _encode_next(chunks: Generator[pl.DataFrame, None, None], encoder: Encoder) -> bytes | None:
     frame = next(chunks, None)
-    return None if frame is None else encode(frame, state)
+    return None if frame is None else encoder.encode(frame)
 
 
 async def _stream(
-    first: pl.DataFrame | None,
-    chunks: Iterator[pl.DataFrame],
-    encode: _Encoder,
-    reader: HistoryReader,
+    first: bytes,
+    chunks: Generator[pl.DataFrame, None, None],
+    encoder: Encoder,
+    reader: HistoryReader | MergeReader,
     started: dict[str, bool],
 ) -> AsyncIterator[bytes]:
-    """Encoded chunks; the next one is read and encoded in a worker thread while this one is
-    being sent."""
+    """The encoded first chunk, then the others: the next one is read and encoded in a worker
+    thread while this one is being sent."""
     started["started"] = True
-    state: dict[str, object] = {}
     ahead: asyncio.Future[bytes | None] | None = None
     try:
-        if first is not None:
-            body: bytes | None = await asyncio.to_thread(encode, first, state)
-            while body is not None:
-                ahead = asyncio.ensure_future(
-                    asyncio.to_thread(_encode_next, chunks, encode, state)
-                )
-                yield body
-                body = await asyncio.shield(ahead)  # a cancelled request lets it finish
-                ahead = None
-        yield encode(None, state)
+        body: bytes | None = first
+        while body is not None:
+            ahead = asyncio.ensure_future(asyncio.to_thread(_encode_next, chunks, encoder))
+            yield body
+            body = await asyncio.shield(ahead)  # a cancelled request lets it finish
+            ahead = None
+        yield encoder.encode(None)
     finally:
         if ahead is not None and not ahead.done():
             # Cancelled while a worker still reads: close when it is done, not under it.
@@ -448,52 +556,12 @@ async def _stream(
 
 
 def _close(
-    chunks: Iterator[pl.DataFrame],
-    reader: HistoryReader,
+    chunks: Generator[pl.DataFrame, None, None],
+    reader: HistoryReader | MergeReader,
     done: asyncio.Future[bytes | None] | None = None,
 ) -> None:
     if done is not None and not done.cancelled():
         done.exception()  # retrieved: a request that went away needs no error
     with contextlib.suppress(Exception):
-        chunks.close()  # type: ignore[attr-defined]
+        chunks.close()
     reader.close()
-
-
-def _ndjson(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
-    if frame is None:
-        return b""
-    buf = io.BytesIO()
-    frame.write_ndjson(buf)
-    return buf.getvalue()
-
-
-def _csv(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
-    if frame is None:
-        return b""
-    header = "header" not in state
-    state["header"] = True
-    return frame.write_csv(include_header=header).encode()
-
-
-# An Arrow IPC stream is one schema message, then record batches, then an end marker. Polars
-# writes a whole stream per frame, so each chunk keeps only its record batches.
-_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-
-
-def _arrow(frame: pl.DataFrame | None, state: dict[str, object]) -> bytes:
-    if frame is None:
-        if "schema" not in state:  # no rows at all: still a valid, empty stream
-            buf = io.BytesIO()
-            pl.DataFrame().write_ipc_stream(buf)
-            return buf.getvalue()
-        return _EOS
-    buf = io.BytesIO()
-    frame.write_ipc_stream(buf, compat_level=pl.CompatLevel.oldest())
-    stream = buf.getvalue()
-    assert stream.endswith(_EOS)
-    stream = stream[: -len(_EOS)]
-    if "schema" in state:
-        (meta_len,) = struct.unpack_from("<i", stream, 4)
-        return stream[8 + meta_len :]
-    state["schema"] = True
-    return stream

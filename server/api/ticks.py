@@ -1,12 +1,13 @@
 """REST routes for ticks: ``GET /ticks/realtime`` (the latest trade and quote per symbol).
 
-Answered from the web process's last-value cache (``server.latest``) once a symbol is in it,
+Answered from the web process's last-value cache (``server.live.latest``) once a symbol is in it,
 else from Redis.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.api.errors import ApiError, require_key
+from server.api.state import AppState
 from server.ticks import is_valid_symbol
 
 MAX_REALTIME_SYMBOLS = 200
@@ -42,7 +44,7 @@ def parse_symbols(raw: str | None, limit: int) -> list[str]:
 def _with_age(event: str | bytes | None, now_ns: int) -> dict[str, object] | None:
     if event is None:
         return None
-    tick = orjson.loads(event)
+    tick: dict[str, Any] = orjson.loads(event)
     tick["age_ms"] = round((now_ns - tick["ts"]) / 1e6, 3)
     return tick
 
@@ -55,7 +57,14 @@ async def realtime(request: Request) -> Response:
         raise ApiError(
             403, "not_entitled", f"key {key.name!r} may not see these symbols", symbols=denied
         )
-    st = request.app.state.tp
+    body = await latest_ticks(request.app.state.tp, syms)
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def latest_ticks(st: AppState, syms: list[str]) -> dict[str, Any]:
+    """``{"server_time", "ticks": [{sym, epoch, seq, trade, quote}]}`` for symbols already checked
+    against the caller's key (REST and MCP); a 404 for symbols no feed publishes, a 503 without
+    Redis."""
     rows: dict[str, tuple[int | None, int, str | bytes | None, str | bytes | None]] = {
         sym: (e.epoch, e.seq, e.trade, e.quote) for sym, e in st.latest.get(syms).items()
     }
@@ -77,7 +86,7 @@ async def realtime(request: Request) -> Response:
         rows.update((s, (v.epoch, v.seq, v.trade, v.quote)) for s, v in latest.items())
         st.latest.track([s for s in missing if latest[s].epoch is not None])
     now = time.time_ns()
-    body = {
+    return {
         "server_time": now,
         "ticks": [
             {
@@ -90,4 +99,3 @@ async def realtime(request: Request) -> Response:
             for s in syms
         ],
     }
-    return Response(orjson.dumps(body), media_type="application/json")

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from server import protocol
+from server import wire
 from server.api.errors import ApiError
-from server.api.history import parse_time, unknown_symbols
+from server.api.history import unknown_symbols
+from server.api.params import parse_time
+from server.api.state import AppState
 from server.auth import ApiKey
-from server.hub import Subscriber
-from server.replay import Replay, ReplaySpec, parse_speed
-from server.store import history_dir
-
-if TYPE_CHECKING:
-    from server.api.app import AppState
+from server.catchup.backlog import Sources
+from server.live.subscriber import Subscriber
+from server.replay import ReadBudget, Replay, ReplaySpec, parse_speed
 
 FINISHED_KEPT = 256  # ids of finished replays remembered, to answer a late control clearly
 
@@ -32,11 +30,15 @@ class ConnectionReplays:
         self.sub = sub
         self.running: dict[str | int, Replay] = {}
         self.finished: collections.OrderedDict[str | int, str] = collections.OrderedDict()
+        self.tasks: set[asyncio.Task[None]] = set()  # every replay task until it has ended
+        self.closed = False  # the connection is gone: nothing starts any more
+        s = st.settings
+        self.budget = ReadBudget(s.replay_conn_rows, s.replay_window_rows)
 
     def _error(self, code: str, message: str, req_id: Any, **fields: Any) -> None:
-        self.sub.send({**protocol.error(code, message, req_id), **fields})
+        self.sub.send({**wire.error(code, message, req_id), **fields})
 
-    async def start(self, op: protocol.Replay) -> tuple[int, str]:
+    async def start(self, op: wire.Replay) -> tuple[int, str]:
         """Validate and start a replay; returns the count of symbols accepted and a status."""
         st, key, rid = self.st, self.key, op.id
         if rid is None:
@@ -73,6 +75,8 @@ class ConnectionReplays:
             return 0, "bad_request"
         start_ns, end_ns, speed = spec_args
         syms, rejected = await self._symbols(op, start_ns, end_ns)
+        if self.closed:  # the connection went away while the symbols were checked
+            return 0, "closed"
         if not syms:
             self._error(
                 "no_symbols",
@@ -82,15 +86,15 @@ class ConnectionReplays:
             )
             return 0, "no_symbols"
         spec = ReplaySpec(
-            rid,
-            syms,
-            start_ns,
-            end_ns,
-            tuple(op.types),
-            speed,
-            op.enriched,
-            op.then_live,
-            op.after,
+            rid=rid,
+            syms=syms,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            types=tuple(op.types),
+            speed=speed,
+            enriched=op.enriched,
+            then_live=op.then_live,
+            after=op.after,
         )
         self.sub.send(
             {
@@ -108,20 +112,21 @@ class ConnectionReplays:
         )
         s = st.settings
         replay = Replay(
-            spec,
-            self.sub,
-            history_dir(s),
-            st.hub,
-            st.bus,
-            min(s.replay_buffer_bytes, s.conflate_bytes // 2),
-            s.replay_window_rows,
-            self._ended,
+            spec=spec,
+            sub=self.sub,
+            sources=Sources.of(st.bus, s),
+            hub=st.hub,
+            room_bytes=min(s.replay_buffer_bytes, s.conflate_bytes // 2),
+            budget=self.budget,
+            on_end=self._ended,
         )
         self.running[rid] = replay
-        replay.start()
+        task = replay.start()
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         return len(syms), "ok"
 
-    def _times_and_speed(self, op: protocol.Replay) -> tuple[int, int | None, float | None]:
+    def _times_and_speed(self, op: wire.Replay) -> tuple[int, int | None, float | None]:
         speed = parse_speed(op.speed)
         try:
             start_ns = parse_time("start", str(op.start))
@@ -138,7 +143,7 @@ class ConnectionReplays:
         return start_ns, end_ns, speed
 
     async def _symbols(
-        self, op: protocol.Replay, start_ns: int, end_ns: int | None
+        self, op: wire.Replay, start_ns: int, end_ns: int | None
     ) -> tuple[list[str], list[dict[str, str]]]:
         st, key = self.st, self.key
         candidates, rejected = key.screen(
@@ -165,13 +170,13 @@ class ConnectionReplays:
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
 
-    def control(self, op: protocol.ReplayControl) -> None:
+    def control(self, op: wire.ReplayControl) -> None:
         """``pause``, ``resume``, ``speed`` or ``stop``; answers ``replay_state`` (``stop`` is
         answered by the ``replay_done`` that follows)."""
         rid = op.id
         replay = self.running.get(rid) if rid is not None else None
         if replay is None:
-            if rid in self.finished:
+            if rid is not None and rid in self.finished:
                 self._error(
                     "replay_finished",
                     f"replay {rid!r} has already finished ({self.finished[rid]}); "
@@ -203,10 +208,10 @@ class ConnectionReplays:
         self.sub.send({"type": "replay_state", **replay.describe()})
 
     async def close(self) -> None:
-        """Stop every replay (the connection is gone) and wait until each freed its query."""
-        tasks = [r.task for r in self.running.values() if r.task is not None]
+        """Stop every replay (the connection is gone), also one still starting, and wait until
+        each has freed its query."""
+        self.closed = True
+        tasks = list(self.tasks)
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*tasks, return_exceptions=True)

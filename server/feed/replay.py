@@ -1,6 +1,6 @@
 """A tick file replayed as a live feed, at a chosen speed (``tickpipe feed --file ...``).
 
-The file is read with ``server.importers`` (any supported vendor format). Ticks keep their
+The file is read with ``server.history.importers`` (any supported vendor format). Ticks keep their
 order and their spacing divided by ``speed``; each is published with the wall-clock time it goes
 out as its ``ts`` (this is a live feed: event time is now), and the file starts over when it
 ends, so a demo can run on real data for as long as it likes.

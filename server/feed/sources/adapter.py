@@ -1,0 +1,159 @@
+"""What a venue adapter is: the venue's URL, the messages it sends after connecting, and a parser
+that turns each venue message into calls on a ``Sink`` (ticks, subscription replies, errors).
+
+An adapter knows one venue's protocol and nothing about reconnects, Redis or figures; the
+session (``server.feed.sources.session``) drives it. Adapters parse with orjson and build ticks
+directly: no per-message model objects on this path.
+
+Decimals: Binance and Coinbase send prices and sizes as decimal strings, Kraken and Alpaca as
+JSON numbers. Each is read once, with ``float()`` or orjson's correctly rounded number parser,
+which gives the double nearest to the venue's decimal; a double holds 15
+significant digits exactly, so the shortest text of that double (what orjson writes on the
+wire, what Polars and ``repr`` print) is the venue's own decimal again, trailing zeros aside.
+No arithmetic is ever done on a price or size before it is published.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Hashable, Iterable
+from typing import ClassVar, Protocol
+
+from server.ticks import Quote, Trade
+
+MS = 1_000_000  # ns per millisecond
+
+
+class Sink(Protocol):
+    """Where an adapter puts what it read from one venue message."""
+
+    def trade(self, tick: Trade, key: Hashable = None, snapshot: bool = False) -> None:
+        """A trade; ``tick.trade_id`` set when the venue numbers its trades, ``key`` what tells
+        it from a replay when the id alone does not (default: the id); ``snapshot``: one the
+        venue sends on subscribing (what traded before), not as it happens."""
+
+    def quote(self, tick: Quote, update_id: int | None = None, snapshot: bool = False) -> None:
+        """A best bid/ask; ``update_id`` when the venue numbers its book updates."""
+
+    def subscribed(self, what: str) -> None:
+        """The venue confirmed a subscription (a symbol, a channel, or ``*`` for all)."""
+
+    def refused(self, symbol: str, message: str) -> None:
+        """The venue refused to subscribe ``symbol`` (``""`` when it names none)."""
+
+    def venue_error(self, message: str) -> None:
+        """An error reply that is not about one symbol."""
+
+    def unexpected(self, what: str) -> None:
+        """A message the adapter does not publish (unknown channel, event or symbol)."""
+
+    def malformed(self, what: str) -> None:
+        """A message that is not the JSON the venue documents."""
+
+    def reply(self, text: str) -> None:
+        """Send ``text`` back to the venue (an application-level pong, a login step)."""
+
+
+class VenueRefused(Exception):
+    """The venue will not serve this source as configured (a refused symbol, a refused key);
+    reconnecting cannot help. The message names what to change."""
+
+
+class Adapter:
+    """The base of every venue adapter; a subclass sets the class attributes and overrides
+    ``hello`` and ``on_message`` (and ``url`` when the venue puts streams in the URL)."""
+
+    kind: ClassVar[str]  # the --source name, e.g. "binance"
+    venue: ClassVar[str]  # the tick's venue field, e.g. "BINANCE"
+    default_url: ClassVar[str]
+    # Reconnect when nothing at all arrived for this long (the venue's heartbeat interval with a
+    # margin); None: rely on WebSocket pings alone.
+    silence_s: ClassVar[float | None] = None
+    # A planned reconnect (new connection first, then the old one closed) this long after
+    # connecting, before the venue's own connection limit; None: the venue has none.
+    lifetime_s: ClassVar[float | None] = None
+    # Whether the venue's trade ids are consecutive per symbol, so a hole in them is a gap.
+    consecutive_trade_ids: ClassVar[bool] = True
+
+    def __init__(self, symbols: dict[str, str], sink: Sink, secrets: dict[str, str]) -> None:
+        """``symbols``: venue symbol -> tickpipe symbol; ``secrets``: credentials, never logged."""
+        self.names = symbols
+        self.sink = sink
+        self.secrets = secrets
+        self.ready = False  # every subscription confirmed
+
+    def url(self, base: str) -> str:
+        """The URL to connect to, from the venue's (or ``--url``'s) endpoint."""
+        return base
+
+    def hello(self) -> list[str]:
+        """The messages to send right after connecting (login, subscriptions)."""
+        raise NotImplementedError
+
+    def on_connected(self) -> None:
+        """A new connection is open: forget what the previous one confirmed."""
+        self.ready = False
+
+    def on_message(self, raw: str | bytes, recv_ns: int) -> None:
+        """Parse one venue message into ``sink`` calls."""
+        raise NotImplementedError
+
+    def symbol(self, venue_sym: object, what: str) -> str | None:
+        """The tickpipe symbol of a venue symbol in a message, or None (counted as unexpected)
+        for one this source did not subscribe."""
+        sym = self.names.get(venue_sym) if isinstance(venue_sym, str) else None
+        if sym is None:
+            self.sink.unexpected(f"{what} for symbol {str(venue_sym)[:32]!r}")
+        return sym
+
+
+def named_in(names: Iterable[str], text: str) -> list[str]:
+    """The symbols of ``names`` that ``text`` (a venue's error message) names as whole words:
+    ``BTC-USD`` is not named by "BTC-USDT is not a valid product"."""
+    words = {w.rstrip("._/-") for w in _WORD.findall(text.upper())}
+    return [s for s in names if s in words]
+
+
+_WORD = re.compile(r"[A-Z0-9][A-Z0-9._/-]*")
+
+
+def venue_int(x: object) -> int:
+    """A number the venue sends as a JSON integer (a trade or update id, a time in ms); anything
+    else (a string, a float, a bool) raises ``TypeError``: the message is malformed."""
+    if type(x) is not int:
+        raise TypeError(f"expected an integer, got {type(x).__name__} {str(x)[:24]!r}")
+    return x
+
+
+def side_of_aggressor(buyer_is_maker: bool) -> str:
+    """The aggressor's side from a "buyer is the maker" flag (Binance ``m``)."""
+    return "sell" if buyer_is_maker else "buy"
+
+
+_day_cache: dict[str, int] = {}
+# ns per unit of a fraction of n digits (n = 0..9)
+_FRACTION_NS: list[int] = [10**9 // 10**digits for digits in range(10)]
+
+
+def ns_from_iso(text: str) -> int:
+    """``2021-04-17T16:44:05.529257Z`` (any number of fraction digits, up to ns) as ns UTC.
+
+    Faster than ``datetime.fromisoformat`` and keeps nanoseconds (Alpaca sends them)."""
+    head = text[:19]  # YYYY-MM-DDTHH:MM:SS
+    base = _day_cache.get(head)
+    if base is None:
+        if len(head) != 19 or head[10] != "T":
+            raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")
+        y, mo, d = int(head[0:4]), int(head[5:7]), int(head[8:10])
+        h, mi, s = int(head[11:13]), int(head[14:16]), int(head[17:19])
+        base = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) * 1_000_000_000
+        if len(_day_cache) > 4096:
+            _day_cache.clear()
+        _day_cache[head] = base
+    frac = text[20:-1]
+    if text[19:20] == "." and text[-1:] == "Z" and frac.isdigit() and len(frac) <= 9:
+        return base + int(frac) * _FRACTION_NS[len(frac)]
+    if text[19:] in ("Z", ""):
+        return base
+    raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")

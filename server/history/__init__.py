@@ -1,0 +1,1 @@
+"""The history path: the recorder stores the tickerplant log as Parquet; queries read it back."""

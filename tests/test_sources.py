@@ -1,0 +1,953 @@
+"""Live venue sources against a local server speaking each venue's protocol with real captured
+messages (tests/venues.py): what is published equals what the venue sent, through drops,
+replays, holes, bad messages and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from server.config import Settings
+from server.feed.sources import ADAPTERS, SessionOptions, VenueFeed, VenueRefused, symbol_map
+from server.feed.sources.adapter import ns_from_iso
+from server.feed.sources.continuity import Continuity
+from server.feed.tickerplant import Tickerplant
+from server.ticks import Quote, Trade
+from server.wire import split_events
+from tests.harness import RedisProcess, eventually
+from tests.venues import FakeVenue, lines
+
+SECRET = ("AKFAKEKEYID0123456789", "fakesecret-9f8e7d6c5b4a39281706f5e4d3c2b1a0")
+
+# Per source: the captured messages the market sends, and the symbols subscribed.
+BINANCE_FUTURES = lines("binance/usdm_futures_combined_trade.jsonl") + lines(
+    "binance/usdm_futures_combined_bookticker_aggtrade.jsonl"
+)
+BINANCE_SPOT = lines("binance/spot_combined_capture.jsonl")
+COINBASE = lines("coinbase/exchange_feed_capture.jsonl")
+KRAKEN = lines("kraken/v2_trade_docs.jsonl") + lines("kraken/v2_ticker_docs.jsonl")
+ALPACA = ["[" + ",".join(lines("alpaca/stocks_v2_data_points_docs.jsonl")) + "]"]
+
+
+def _payloads(messages: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for text in messages:
+        msg = orjson.loads(text)
+        msg = msg.get("data", msg) if isinstance(msg, dict) else msg
+        out.extend(msg if isinstance(msg, list) else [msg])
+    return out
+
+
+def _binance_expected(messages: list[str], streams: set[str]) -> list[dict[str, Any]]:
+    """The ticks a Binance combined stream's messages for ``streams`` must become."""
+    out = []
+    for text in messages:
+        msg = orjson.loads(text)
+        if msg["stream"] not in streams:
+            continue
+        d = msg["data"]
+        if d.get("e") in ("trade", "aggTrade"):
+            out.append({"type": "trade", "sym": d["s"], "ts": d["T"] * 10**6, "price": d["p"],
+                        "size": d["q"], "side": "sell" if d["m"] else "buy",
+                        "trade_id": d["t" if d["e"] == "trade" else "a"]})  # fmt: skip
+        else:
+            ts = d["T"] * 10**6 if "T" in d else None
+            out.append({"type": "quote", "sym": d["s"], "ts": ts, "bid": d["b"],
+                        "bid_size": d["B"], "ask": d["a"], "ask_size": d["A"]})  # fmt: skip
+    return out
+
+
+def _coinbase_expected(messages: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for msg in _payloads(messages):
+        if msg["type"] == "match":
+            out.append({"type": "trade", "sym": msg["product_id"], "ts": ns_from_iso(msg["time"]),
+                        "price": msg["price"], "size": msg["size"],
+                        "side": {"buy": "sell", "sell": "buy"}[msg["side"]],
+                        "trade_id": msg["trade_id"]})  # fmt: skip
+        elif msg["type"] == "ticker":
+            out.append({"type": "quote", "sym": msg["product_id"], "ts": ns_from_iso(msg["time"]),
+                        "bid": msg["best_bid"], "ask": msg["best_ask"]})  # fmt: skip
+    return out
+
+
+def _same(event: dict[str, Any], want: dict[str, Any]) -> bool:
+    """An event equals the venue's message: decimals compared as decimals, every field."""
+    for k, v in want.items():
+        if v is None:  # no venue time: the receive time is the event time
+            if event[k] != event["recv_ts"]:
+                return False
+        elif k in ("price", "size", "bid", "bid_size", "ask", "ask_size"):
+            if Decimal(repr(event[k])) != Decimal(str(v)):
+                return False
+        elif event.get(k) != v:
+            return False
+    return True
+
+
+def _assert_each_symbol_same(
+    got: list[dict[str, Any]], want: list[dict[str, Any]], syms: list[str]
+) -> None:
+    """Per symbol, the published events are the venue's messages in order, seq 1, 2, 3, ..."""
+    for sym in syms:
+        mine = [e for e in got if e["sym"] == sym]
+        theirs = [w for w in want if w["sym"] == sym]
+        assert all(_same(e, w) for e, w in zip(mine, theirs, strict=True)), sym
+        assert [e["seq"] for e in mine] == list(range(1, len(mine) + 1)), sym
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+
+
+def test_iso_times_parse_to_the_nanosecond() -> None:
+    assert ns_from_iso("2021-04-17T16:44:05.529257Z") == 1618677845529257000
+    assert ns_from_iso("2021-02-22T15:51:45.335689322Z") == 1614009105335689322
+    assert ns_from_iso("2021-09-17T02:02:00Z") == 1631844120000000000
+    for bad in ("yesterday", "2021-04-17 16:44:05Z", "2021-04-17T16:44:05.12x4Z"):
+        with pytest.raises(ValueError):
+            ns_from_iso(bad)
+
+
+class _Collect:
+    """A sink that keeps what an adapter gave it."""
+
+    def __init__(self) -> None:
+        self.ticks: list[Trade | Quote] = []
+        self.calls: list[tuple[str, str]] = []
+        self.snapshots: list[bool] = []
+
+    def trade(self, tick: Trade, key: object = None, snapshot: bool = False) -> None:
+        self.ticks.append(tick)
+        self.snapshots.append(snapshot)
+
+    def quote(self, tick: Quote, update_id: int | None = None, snapshot: bool = False) -> None:
+        self.ticks.append(tick)
+        self.snapshots.append(snapshot)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda text: self.calls.append((name, text))
+
+
+def _decimal_fields(kind: str, p: dict[str, Any]) -> tuple[str, ...]:
+    """The fields of a venue payload that become a tick's prices and sizes."""
+    if kind.startswith("binance"):
+        if p.get("e") in ("trade", "aggTrade"):
+            return ("p", "q")
+        return ("b", "B", "a", "A") if p.get("e", "bookTicker") == "bookTicker" else ()
+    if kind == "coinbase":
+        return {"match": ("price", "size"), "ticker": ("best_bid", "best_ask")}.get(p["type"], ())
+    if kind == "kraken":
+        return ("price", "qty") if "trade_id" in p else ("bid", "bid_qty", "ask", "ask_qty")
+    return {"t": ("p", "s"), "q": ("bp", "bs", "ap", "as")}.get(p["T"], ())
+
+
+@pytest.mark.parametrize(
+    ("kind", "messages"),
+    [("binance", BINANCE_SPOT), ("binance-futures", BINANCE_FUTURES), ("coinbase", COINBASE),
+     ("kraken", KRAKEN), ("alpaca", ALPACA)],
+)  # fmt: skip
+def test_every_captured_decimal_is_published_with_the_venues_digits(kind, messages) -> None:
+    """A price or size goes out (orjson's shortest text of the double) with the venue's own
+    digits: no float round-trip surprise in any captured message."""
+    payloads = [p for p in _payloads(messages) if "data" not in p or "channel" not in p]
+    payloads = [q for p in payloads for q in (p["data"] if "channel" in p else [p])]
+    syms = {p.get("s") or p.get("product_id") or p.get("symbol") or p.get("S") for p in payloads}
+    sink = _Collect()
+    names = {s: s for s in syms if isinstance(s, str)}
+    adapter = ADAPTERS[kind](names, sink, {"key_id": "", "secret_key": ""})
+    for text in messages:
+        adapter.on_message(text, 1_700_000_000_000_000_000)
+    published = sorted(
+        Decimal(orjson.dumps(getattr(t, f)).decode())
+        for t in sink.ticks
+        for f in ("price", "size", "bid", "bid_size", "ask", "ask_size")
+        if getattr(t, f, None) is not None
+    )
+    given = sorted(Decimal(str(p[f])) for p in payloads for f in _decimal_fields(kind, p))
+    assert published and published == given
+
+
+@pytest.mark.parametrize(
+    ("kind", "message", "field"),
+    [("coinbase", COINBASE[0], "trade_id"), ("coinbase", COINBASE[1], "sequence"),
+     ("kraken", lines("kraken/v2_trade_docs.jsonl")[0], "trade_id"),
+     ("alpaca", ALPACA[0], "i")],
+)  # fmt: skip
+def test_an_id_that_is_not_a_json_integer_is_malformed(kind, message, field) -> None:
+    """Trade and update ids must be JSON integers: one sent as a string is a malformed message,
+    not a tick whose id later compares with integers."""
+    bad = message.replace(f'"{field}":', f'"{field}":"', 1)
+    head, _, tail = bad.partition(f'"{field}":"')
+    digits = len(tail) - len(tail.lstrip("0123456789"))
+    bad = head + f'"{field}":"' + tail[:digits] + '"' + tail[digits:]
+    sink = _Collect()
+    ADAPTERS[kind]({s: s for s in ("BAND-BTC", "MATIC/USD", "AAPL")}, sink, {}).on_message(
+        bad, 1_700_000_000_000_000_000
+    )
+    assert not any(getattr(t, "trade_id", 0) == tail[:digits] for t in sink.ticks)
+    assert ("malformed", f"TypeError: expected an integer, got str '{tail[:digits]}'") in sink.calls
+
+
+def test_continuity_drops_replays_and_finds_holes_in_trade_ids() -> None:
+    c = Continuity(consecutive_trade_ids=True)
+    assert c.trade("X", 10, 0) == (True, None)
+    assert c.trade("X", 11, 0) == (True, None)
+    assert c.trade("X", 11, 0) == (False, None)  # replayed after a reconnect
+    ok, gap = c.trade("X", 15, 7)
+    assert ok and gap is not None and (gap.first, gap.last, gap.missing) == (12, 14, 3)
+    assert c.trade("Y", 3, 0) == (True, None)  # per symbol
+    assert c.duplicates == 1
+    q = Quote("X", 1, 1.0, 1.0, 2.0, 1.0)
+    assert c.quote(q, None) and not c.quote(q, None)
+    assert c.quote(q, 5) and not c.quote(q, 5) and c.quote(q, 6)
+
+
+def test_symbols_are_the_venues_unless_mapped() -> None:
+    assert symbol_map(["btcusdt", "BTC/USD"], []) == {"BTCUSDT": "BTCUSDT", "BTC/USD": "BTC/USD"}
+    assert symbol_map(["BTCUSDT"], ["btcusdt=BTC-USDT"]) == {"BTCUSDT": "BTC-USDT"}
+    with pytest.raises(ValueError, match="not among --symbols"):
+        symbol_map(["BTCUSDT"], ["ETHUSDT=ETH"])
+    with pytest.raises(ValueError, match="VENUE_SYMBOL=SYMBOL"):
+        symbol_map(["BTCUSDT"], ["BTCUSDT"])
+    with pytest.raises(ValueError, match="cannot be a tickpipe symbol"):
+        symbol_map(["BTC USD"], [])
+    with pytest.raises(ValueError, match="BTCUSDT and BTCUSDC would both be published as BTC"):
+        symbol_map(["BTCUSDT", "BTCUSDC"], ["BTCUSDT=BTC", "BTCUSDC=BTC"])
+    with pytest.raises(ValueError, match="would both be published as ETHUSDT"):
+        symbol_map(["BTCUSDT", "ETHUSDT"], ["BTCUSDT=ETHUSDT"])
+
+
+# -- against the local venue and a real Redis ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    proc = RedisProcess(tmp_path_factory.mktemp("sources"))
+    proc.start()
+    yield proc.url
+    proc.kill()
+
+
+class Running:
+    """A feed process's tickerplant and venue session, in this test's event loop."""
+
+    def __init__(self, plant: Tickerplant, feed: VenueFeed, task: asyncio.Task[None]) -> None:
+        self.plant, self.feed, self.task = plant, feed, task
+
+    async def epoch(self, sym: str) -> bytes:
+        r = aioredis.Redis.from_url(self.plant.settings.redis_url)
+        try:
+            return await r.hget(f"tp:sym:{sym}", "epoch")
+        finally:
+            await r.aclose()
+
+    async def events(self, sym: str) -> list[dict[str, Any]]:
+        r = aioredis.Redis.from_url(self.plant.settings.redis_url)
+        try:
+            entries = await r.xrange(f"tp:hist:{sym}")
+        finally:
+            await r.aclose()
+        return [orjson.loads(e) for _id, f in entries for e in split_events(f[b"d"].decode())]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    redis_url: str, venue: FakeVenue, kind: str, symbols: list[str], **opts: Any
+) -> AsyncIterator[Running]:
+    if opts.pop("flush", True):
+        r = aioredis.Redis.from_url(redis_url)
+        await r.flushdb()
+        await r.aclose()
+    settings = Settings(redis_url=redis_url, feed_name=f"test-{kind}", feed_batch_ms=5)
+    adapter = ADAPTERS[kind]
+    if opts.pop("agg_trades", False):
+        adapter = type(adapter.__name__, (adapter,), {"agg_trades": True})
+    adapter = opts.pop("adapter", adapter)
+    opts.setdefault("backoff_min_s", 0.05)
+    opts.setdefault("backoff_max_s", 0.2)
+    options = SessionOptions(**opts)
+    secrets = {"key_id": SECRET[0], "secret_key": SECRET[1]}
+    feed = VenueFeed(adapter, symbol_map(symbols, []), venue.url, secrets, options)
+    plant = Tickerplant(settings, feed)
+    task = asyncio.create_task(plant.run())
+    try:
+        yield Running(plant, feed, task)
+    finally:
+        plant.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+
+
+async def _published(run: Running, syms: list[str], n: int) -> list[dict[str, Any]]:
+    async def all_events() -> list[dict[str, Any]]:
+        return [e for s in syms for e in await run.events(s)]
+
+    return await eventually(all_events, lambda evs: len(evs) >= n, what=f"{n} published ticks")
+
+
+def _by_time(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(events, key=lambda e: (e["sym"], e["type"], e["seq"]))
+
+
+async def test_binance_futures_trades_and_quotes_are_the_venues_messages(redis_url) -> None:
+    venue = await FakeVenue("binance-futures").start()
+    syms = ["BTCUSDT", "SUSHIUSDT", "CTKUSDT"]
+    streams = {f"{s.lower()}@{k}" for s in syms for k in ("trade", "bookTicker")}
+    want = _binance_expected(BINANCE_FUTURES, streams)
+    try:
+        async with running(redis_url, venue, "binance-futures", syms) as run:
+            await venue.subscribed(1)
+            await venue.emit(BINANCE_FUTURES)
+            got = await _published(run, syms, len(want))
+            await asyncio.sleep(0.2)
+            got = [e for s in syms for e in await run.events(s)]
+            assert len(got) == len(want) == 35  # 5 trades, 30 book tickers
+            _assert_each_symbol_same(got, want, syms)
+            assert {e["venue"] for e in got} == {"BINANCE-FUTURES"}
+            assert all(e["recv_ts"] >= e["ts"] for e in got if e["type"] == "trade")
+            assert run.feed.state == "live" and run.feed.unexpected_count == 0
+    finally:
+        await venue.stop()
+
+
+async def test_binance_spot_agg_trades_and_book_tickers(redis_url) -> None:
+    venue = await FakeVenue("binance").start()
+    syms = ["FTMUSDT", "XMRBTC", "SXPBTC"]
+    streams = {f"{s.lower()}@{k}" for s in syms for k in ("aggTrade", "bookTicker")}
+    want = _binance_expected(BINANCE_SPOT, streams)
+    try:
+        async with running(redis_url, venue, "binance", syms, agg_trades=True) as run:
+            await venue.subscribed(1)
+            await venue.emit(BINANCE_SPOT)  # depth and kline messages: not subscribed, not sent
+            await _published(run, syms, len(want))
+            await asyncio.sleep(0.2)
+            got = [e for s in syms for e in await run.events(s)]
+            assert len(got) == len(want) > 0
+            _assert_each_symbol_same(got, want, syms)
+    finally:
+        await venue.stop()
+
+
+async def test_coinbase_matches_and_tickers_with_the_aggressor_side(redis_url) -> None:
+    venue = await FakeVenue("coinbase").start()
+    syms = ["BAND-BTC", "BAND-GBP", "DASH-BTC", "SKL-USD"]
+    want = _coinbase_expected(COINBASE)
+    try:
+        async with running(redis_url, venue, "coinbase", syms) as run:
+            await venue.subscribed(1)
+            await venue.emit(COINBASE)  # l2update: level2 was not subscribed, never sent
+            await _published(run, syms, len(want))
+            await asyncio.sleep(0.2)
+            got = [e for s in syms for e in await run.events(s)]
+            assert len(got) == len(want) > 0
+            _assert_each_symbol_same(got, want, syms)
+            # A match's side is the maker's: the first capture line is a "buy" maker.
+            first = next(e for e in got if e.get("trade_id") == 1287326)
+            assert first["side"] == "sell"
+            assert orjson.loads(venue.received[0])["channels"] == ["matches", "ticker"]
+    finally:
+        await venue.stop()
+
+
+async def test_kraken_trades_and_tickers_and_its_snapshot_replayed_once(redis_url) -> None:
+    venue = await FakeVenue("kraken").start()
+    venue.on_subscribe = KRAKEN  # the trade and ticker snapshots, on every subscription
+    try:
+        async with running(redis_url, venue, "kraken", ["MATIC/USD", "ALGO/USD"]) as run:
+            got = await _published(run, ["MATIC/USD", "ALGO/USD"], 3)
+            trades = [e for e in got if e["type"] == "trade"]
+            assert [(e["trade_id"], e["price"], e["size"], e["side"]) for e in trades] == [
+                (4665846, 0.5147, 6423.46326, "buy"),
+                (4665847, 0.5147, 1136.19677815, "buy"),
+            ]
+            quote = next(e for e in got if e["type"] == "quote")
+            assert (quote["sym"], quote["bid"], quote["bid_size"], quote["ask"]) == (
+                "ALGO/USD", 0.10025, 740.0, 0.10036)  # fmt: skip
+            assert quote["ts"] == ns_from_iso("2023-09-25T09:04:31.742648Z")
+            venue.drop()  # TCP reset: the resubscription gets the same snapshots again
+            await venue.subscribed(2)
+            await eventually(lambda: run.feed.continuity.duplicates >= 3, what="replay dropped")
+            await asyncio.sleep(0.2)
+            assert len([e for s in ("MATIC/USD", "ALGO/USD") for e in await run.events(s)]) == 3
+            assert run.feed.reconnects == 1
+    finally:
+        await venue.stop()
+
+
+async def test_a_restarted_feed_does_not_publish_the_venues_snapshot_again(redis_url) -> None:
+    """Kraken sends its latest trades and ticker on every subscription: a feed started again
+    goes on after what the first run published (its latest trade and quote in Redis), so they
+    are not stored twice under new seqs; and a snapshot is not latency (its ts is old)."""
+    venue = await FakeVenue("kraken").start()
+    venue.on_subscribe = KRAKEN
+    syms = ["MATIC/USD", "ALGO/USD"]
+    try:
+        async with running(redis_url, venue, "kraken", syms) as run:
+            await _published(run, syms, 3)
+            assert run.feed.latency_ms() == (None, None, [])
+        async with running(redis_url, venue, "kraken", syms, flush=False) as run:
+            await venue.subscribed(2)
+            await eventually(lambda: run.feed.continuity.duplicates == 3, what="all dropped")
+            await asyncio.sleep(0.2)
+            assert len([e for s in syms for e in await run.events(s)]) == 3
+            assert run.feed.upstream_gaps == 0
+    finally:
+        await venue.stop()
+
+
+def test_coinbase_last_match_is_a_snapshot() -> None:
+    sink = _Collect()
+    last_match = lines("coinbase/exchange_session_start.jsonl")
+    ADAPTERS["coinbase"]({"BAND-GBP": "BAND-GBP", "SKL-GBP": "SKL-GBP"}, sink, {}).on_message(
+        next(m for m in last_match if '"last_match"' in m), 1
+    )
+    assert sink.snapshots == [True]
+
+
+async def test_alpaca_signs_in_and_publishes_trades_and_quotes(redis_url) -> None:
+    venue = await FakeVenue("alpaca", key=SECRET).start()
+    try:
+        async with running(redis_url, venue, "alpaca", ["AAPL", "AMD"]) as run:
+            await venue.subscribed(1)
+            await venue.emit(ALPACA)  # a trade, a quote, a bar and a status point
+            got = await _published(run, ["AAPL", "AMD"], 2)
+            trade = next(e for e in got if e["type"] == "trade")
+            quote = next(e for e in got if e["type"] == "quote")
+            assert (trade["sym"], trade["price"], trade["size"], trade["trade_id"]) == (
+                "AAPL", 126.55, 1.0, 96921)  # fmt: skip
+            assert "side" not in trade  # stocks: the venue gives no aggressor
+            assert trade["ts"] == ns_from_iso("2021-02-22T15:51:44.208Z")
+            assert (quote["bid"], quote["bid_size"], quote["ask"], quote["ask_size"]) == (
+                87.66, 1.0, 87.68, 4.0)  # fmt: skip
+            assert quote["ts"] == 1614009105335689322  # to the nanosecond
+            await eventually(lambda: run.feed.unexpected_count == 2, what="bar, status counted")
+            auth = orjson.loads(venue.received[0])
+            assert auth == {"action": "auth", "key": SECRET[0], "secret": SECRET[1]}
+    finally:
+        await venue.stop()
+
+
+async def test_alpaca_stock_trades_are_told_apart_by_exchange_and_id(redis_url) -> None:
+    """On SIP a trade id is unique per exchange (``x``): the same ``i`` on two exchanges is two
+    trades; the same (``x``, ``i``) again is a replay, published once."""
+    venue = await FakeVenue("alpaca", key=SECRET).start()
+    trade = orjson.loads(lines("alpaca/stocks_v2_data_points_docs.jsonl")[0])
+    other = {**trade, "x": "V", "p": 126.56}  # IEX's trade 96921
+    try:
+        async with running(redis_url, venue, "alpaca", ["AAPL"]) as run:
+            await venue.subscribed(1)
+            await venue.emit([orjson.dumps([trade, other]).decode()])
+            await venue.emit([orjson.dumps([trade]).decode()])  # sent again
+            await eventually(lambda: run.feed.continuity.duplicates == 1, what="the replay")
+            got = await _published(run, ["AAPL"], 2)
+            await asyncio.sleep(0.2)
+            got = await run.events("AAPL")
+            assert [(e["trade_id"], e["price"]) for e in got] == [(96921, 126.55), (96921, 126.56)]
+    finally:
+        await venue.stop()
+
+
+@pytest.mark.parametrize("close_frame", [False, True], ids=["tcp-reset", "close-frame"])
+async def test_a_dropped_connection_loses_and_doubles_nothing(redis_url, close_frame) -> None:
+    """Coinbase drops the connection mid-stream; on resubscribing it replays its latest trade
+    (``last_match``) and tickers: published once, and every later message published."""
+    venue = await FakeVenue("coinbase").start()
+    syms = ["BAND-BTC", "BAND-GBP", "DASH-BTC", "SKL-USD"]
+    want = _coinbase_expected(COINBASE)
+    half = len(COINBASE) // 2
+    try:
+        async with running(redis_url, venue, "coinbase", syms, backoff_min_s=1.0) as run:
+            await venue.subscribed(1)
+            await venue.emit(COINBASE[:half])
+            first = len(_coinbase_expected(COINBASE[:half]))
+            await _published(run, syms, first)
+            epoch = await run.epoch("BAND-BTC")
+            venue.drop(close_frame=close_frame)
+            await eventually(lambda: run.feed.state == "reconnecting", what="reconnecting")
+            assert run.feed.reason
+            await venue.subscribed(2)
+            await eventually(lambda: run.feed.state == "live", what="live again")
+            replay = COINBASE[half - 6 : half]  # the venue sends recent messages again
+            await venue.emit(replay + COINBASE[half:])
+            await _published(run, syms, len(want))
+            await asyncio.sleep(0.3)
+            got = [e for s in syms for e in await run.events(s)]
+            assert len(got) == len(want)
+            _assert_each_symbol_same(got, want, syms)
+            assert await run.epoch("BAND-BTC") == epoch  # the same epoch throughout
+            assert run.feed.reconnects == 1 and run.feed.continuity.duplicates > 0
+    finally:
+        await venue.stop()
+
+
+async def test_ticks_waiting_for_an_unreachable_redis_are_bounded(tmp_path) -> None:
+    """Redis goes away while the venue goes on: at most ``max_pending`` ticks wait, newer ones
+    are dropped and counted, and a dropped trade is reported as an upstream gap when the next
+    trade of its symbol comes, so no trade goes missing silently."""
+    redis = RedisProcess(tmp_path, persist=True)
+    redis.start()
+    venue = await FakeVenue("coinbase").start()
+    syms = ["BAND-BTC", "BAND-GBP", "DASH-BTC", "SKL-USD"]
+    try:
+        async with running(redis.url, venue, "coinbase", syms, max_pending=3) as run:
+            await venue.subscribed(1)
+            await venue.emit(COINBASE[:5])  # BAND-BTC trade 1287326
+            await _published(run, ["BAND-BTC"], 1)
+            redis.kill()
+            await venue.emit(COINBASE[5:70])  # BAND-BTC trades 1287327..1287329, and more
+            await eventually(lambda: run.feed.dropped > 0, what="ticks dropped")
+            pending = len(run.feed._pending)
+            redis.start()
+            await eventually(lambda: run.plant.state == "running", what="publishing again")
+            await venue.emit(COINBASE[70:])  # BAND-BTC trade 1287330
+            events = await eventually(
+                lambda: run.events("BAND-BTC"),
+                lambda evs: any(e.get("trade_id") == 1287330 for e in evs),
+                what="the trade after the outage",
+            )
+            published = {e["trade_id"] for e in events if e["type"] == "trade"}
+            gaps = [e for e in events if e.get("code") == "upstream_gap"]
+            missing = {i for g in gaps for i in range(g["first_id"], g["last_id"] + 1)}
+            assert missing and published | missing == set(range(1287326, 1287331))
+            assert pending <= 3 and run.feed.figures()["dropped"] == run.feed.dropped > 0
+            assert "ticks waiting for Redis" in run.feed.last_error
+    finally:
+        await venue.stop()
+        redis.kill()
+
+
+async def test_silence_past_the_heartbeat_is_a_lost_connection(redis_url) -> None:
+    venue = await FakeVenue("kraken").start()
+    try:
+        async with running(redis_url, venue, "kraken", ["MATIC/USD"], silence_s=1.5) as run:
+            await venue.subscribed(1)
+            await asyncio.sleep(2.0)  # heartbeats every 0.5 s: still live
+            assert run.feed.state == "live" and run.feed.reconnects == 0
+            venue.muted = True
+            await eventually(lambda: run.feed.reconnects >= 1, what="a reconnect after silence")
+            assert "no message from the venue for 1.5s" in run.feed.last_error
+            venue.muted = False
+            await eventually(lambda: run.feed.state == "live", what="live again")
+    finally:
+        await venue.stop()
+
+
+async def test_planned_reconnect_overlaps_connections_without_loss(redis_url) -> None:
+    """Binance ends connections at 24 h: the feed opens a new one first, then closes the old;
+    the ticks sent meanwhile are published once each. (A symbol that goes quiet cannot show
+    the new stream caught up: the overlap then ends after ``overlap_s``.)"""
+    venue = await FakeVenue("binance-futures").start()
+    syms = ["SUSHIUSDT", "CTKUSDT", "BTCUSDT"]
+    streams = {f"{s.lower()}@{k}" for s in syms for k in ("trade", "bookTicker")}
+    want = _binance_expected(BINANCE_FUTURES, streams)
+    try:
+        async with running(
+            redis_url, venue, "binance-futures", syms, lifetime_s=0.6, overlap_s=0.2
+        ) as run:
+            await venue.subscribed(1)
+            await venue.emit(BINANCE_FUTURES, every_s=0.05)  # 42 messages over ~2 s
+            await _published(run, syms, len(want))
+            await asyncio.sleep(0.3)
+            got = [e for s in syms for e in await run.events(s)]
+            assert len(got) == len(want)
+            _assert_each_symbol_same(got, want, syms)
+            assert run.feed.planned_reconnects >= 2 and run.feed.reconnects == 0
+            assert venue.subscriptions >= 3
+    finally:
+        await venue.stop()
+
+
+async def test_planned_reconnect_loses_nothing_when_the_new_stream_starts_late(redis_url):
+    """Binance attaches a new connection's stream a while after the handshake: the old
+    connection is read until the new one delivers what the old one already did, so no trade
+    sent meanwhile is lost, none is doubled and no hole is reported."""
+    venue = await FakeVenue("binance-futures").start()
+    venue.attach_s = 0.15
+    syms = ["SUSHIUSDT", "CTKUSDT", "BTCUSDT"]
+    trades = [m for m in BINANCE_FUTURES if "@trade" in m]
+    # A steady market: the capture's trades again and again, trade ids going on per symbol.
+    market, next_id = [], {}
+    for _round in range(60):
+        for m in trades:
+            d = orjson.loads(m)["data"]
+            d["t"] = next_id.setdefault(d["s"], d["t"])
+            next_id[d["s"]] += 1
+            market.append(orjson.dumps({"stream": f"{d['s'].lower()}@trade", "data": d}).decode())
+    try:
+        async with running(redis_url, venue, "binance-futures", syms, lifetime_s=0.5) as run:
+            await venue.subscribed(1)
+            await venue.emit(market, every_s=0.01)  # 300 trades over about 3 s
+            await _published(run, syms, len(market))
+            await asyncio.sleep(0.3)
+            got = [e for s in syms for e in await run.events(s)]
+            assert [e["type"] for e in got] == ["trade"] * len(market)
+            assert run.feed.planned_reconnects >= 2
+            assert run.feed.upstream_gaps == 0 and run.feed.reconnects == 0
+    finally:
+        await venue.stop()
+
+
+async def test_malformed_messages_and_error_replies_are_counted_not_fatal(redis_url) -> None:
+    venue = await FakeVenue("binance-futures").start()
+    try:
+        async with running(redis_url, venue, "binance-futures", ["BTCUSDT"]) as run:
+            await venue.subscribed(1)
+            await venue.emit(BINANCE_FUTURES[:2])
+            await venue.send_raw('{"stream":"btcusdt@trade","data":{"e":"trade","p":')  # cut off
+            await venue.send_raw(lines("binance/error_replies_docs.jsonl")[0])
+            await venue.send_raw('{"stream":"btcusdt@depth","data":{"e":"depthUpdate"}}')
+            await venue.emit(BINANCE_FUTURES[2:5])
+            await _published(run, ["BTCUSDT"], 5)
+            f = run.feed.figures()
+            assert (f["malformed"], f["venue_errors"], f["unexpected"]) == (1, 1, 1)
+            assert f["state"] == "live"
+            assert "Invalid value type" in f["last_error"]
+    finally:
+        await venue.stop()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("t", "2691833900"), ("T", "1660228023949"), ("t", 2691833900.0), ("T", True)],
+    ids=["id-string", "time-string", "id-float", "time-bool"],
+)
+async def test_a_binance_number_of_the_wrong_type_is_malformed_and_harms_nothing_after(
+    redis_url, field, value
+) -> None:
+    """A trade whose id or time is not a JSON integer is one malformed message: it does not
+    become the symbol's last trade id (every later trade would fail) nor a huge string."""
+    venue = await FakeVenue("binance-futures").start()
+    first = orjson.loads(BINANCE_FUTURES[0])
+    bad = {**first, "data": {**first["data"], field: value}}
+    try:
+        async with running(redis_url, venue, "binance-futures", ["BTCUSDT"]) as run:
+            await venue.subscribed(1)
+            await venue.send_raw(orjson.dumps(bad).decode())
+            await venue.emit(BINANCE_FUTURES[:5])
+            got = await _published(run, ["BTCUSDT"], 5)
+            assert [e["type"] for e in got] == ["trade"] * 5
+            assert run.feed.malformed_count == 1 and run.plant.rejected == {}
+    finally:
+        await venue.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "symbols", "odd", "market", "ticks"),
+    [("kraken", ["MATIC/USD", "ALGO/USD"],
+      '{"method":"subscribe","success":true,"result":"oops"}', KRAKEN, 3),
+     ("coinbase", ["BAND-BTC", "BAND-GBP", "DASH-BTC", "SKL-USD"],
+      '{"type":"subscriptions","channels":["matches"]}', COINBASE,
+      len(_coinbase_expected(COINBASE))),
+     ("alpaca", ["AAPL", "AMD"], '[{"T":"subscription","trades":"AAPL","quotes":"AMD"}]',
+      ALPACA, 2)],
+    ids=["kraken-ack-result", "coinbase-channel-names", "alpaca-listed-string"],
+)  # fmt: skip
+async def test_a_venue_reply_of_an_unexpected_shape_is_counted_not_fatal(
+    redis_url, kind, symbols, odd, market, ticks
+) -> None:
+    """A subscription reply the venue's documentation does not describe is one malformed
+    message: the feed stays live and publishes what follows."""
+    venue = await FakeVenue(kind, key=SECRET).start()
+    try:
+        async with running(redis_url, venue, kind, symbols) as run:
+            await venue.subscribed(1)
+            await eventually(lambda: run.feed.state == "live", what="live")
+            await venue.send_raw(odd)
+            await venue.emit(market)
+            await _published(run, symbols, ticks)
+            assert not run.task.done() and run.feed.state == "live"
+            assert run.feed.malformed_count == 1, run.feed.last_error
+    finally:
+        await venue.stop()
+
+
+class _BrokenCoinbase(ADAPTERS["coinbase"]):  # type: ignore[misc,valid-type]
+    """An adapter with a bug on one kind of message (what the session must outlive)."""
+
+    def on_message(self, raw: str | bytes, recv_ns: int) -> None:
+        if b'"product_id":"BAND-GBP"' in (raw if isinstance(raw, bytes) else raw.encode()):
+            raise RuntimeError("a bug in the adapter")
+        super().on_message(raw, recv_ns)
+
+
+async def test_an_adapter_failing_on_a_message_counts_it_malformed_and_goes_on(redis_url):
+    venue = await FakeVenue("coinbase").start()
+    syms = ["BAND-BTC", "BAND-GBP", "DASH-BTC", "SKL-USD"]
+    want = [w for w in _coinbase_expected(COINBASE) if w["sym"] != "BAND-GBP"]
+    failing = sum(p["product_id"] == "BAND-GBP" and p["type"] in ("match", "ticker")
+                  for p in _payloads(COINBASE))  # fmt: skip
+    try:
+        async with running(redis_url, venue, "coinbase", syms, adapter=_BrokenCoinbase) as run:
+            await venue.subscribed(1)
+            await venue.emit(COINBASE)
+            await _published(run, syms, len(want))
+            await eventually(lambda: run.feed.malformed_count == failing, what="all counted")
+            assert not run.task.done() and run.feed.state == "live"
+            assert "RuntimeError: a bug in the adapter" in run.feed.last_error
+    finally:
+        await venue.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "symbols", "refused"),
+    [("coinbase", ["BAND-BTC", "GIBBERISH-USD"], "GIBBERISH-USD"),
+     ("kraken", ["MATIC/USD", "XBT/USD"], "XBT/USD"),
+     ("alpaca", ["AAPL", "NOTASTOCK"], "NOTASTOCK"),
+     # The refused symbol, not another whose name is part of it.
+     ("coinbase", ["BTC-USD", "BTC-USDT"], "BTC-USDT"),
+     ("kraken", ["XBT/USD", "XBT/USDT"], "XBT/USDT")],
+)  # fmt: skip
+async def test_a_refused_symbol_stops_the_start_naming_it(redis_url, kind, symbols, refused):
+    venue = await FakeVenue(kind, refuse=frozenset({refused}), key=SECRET).start()
+    try:
+        async with running(redis_url, venue, kind, symbols) as run:
+            with pytest.raises(VenueRefused, match=f"refused the symbol {refused}:"):
+                await asyncio.wait_for(run.task, 10)
+            assert run.feed.state == "down"
+    finally:
+        await venue.stop()
+
+
+async def test_a_symbol_another_live_source_publishes_is_refused_at_start(redis_url) -> None:
+    """Binance spot and USD-M futures both call it BTCUSDT: the second feed to start is refused,
+    saying how to publish it under another name, and the first goes on alone."""
+    futures = await FakeVenue("binance-futures").start()
+    spot = await FakeVenue("binance").start()
+    try:
+        async with running(redis_url, futures, "binance-futures", ["BTCUSDT"]) as first:
+            await futures.subscribed(1)
+            r = aioredis.Redis.from_url(redis_url)
+            try:
+                await eventually(lambda: r.hget("tp:feed:test-binance-futures", "source"),
+                                 what="the first feed's heartbeat")  # fmt: skip
+            finally:
+                await r.aclose()
+            async with running(redis_url, spot, "binance", ["ETHUSDT", "BTCUSDT"],
+                               flush=False) as second:  # fmt: skip
+                with pytest.raises(VenueRefused, match=(
+                    "BTCUSDT is already published by the feed 'test-binance-futures' "
+                    r"\(binance-futures\).*--map BTCUSDT=BTCUSDT-BINANCE")):  # fmt: skip
+                    await asyncio.wait_for(second.task, 10)
+            assert spot.subscriptions == 0 and not first.task.done()
+    finally:
+        await futures.stop()
+        await spot.stop()
+
+
+async def test_ticks_gaps_finds_upstream_gaps_by_their_own_time_under_clock_skew(redis_url):
+    """The gap stream's entry ids are Redis' clock; a gap found by a feed whose clock is 30 s
+    behind is still listed for the range its own ``ts`` falls in."""
+    from server.live.bus import Bus, encode_upstream_gap
+
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.flushdb()
+        bus = Bus(r)
+        now = time.time_ns()
+        found = now - 30 * 10**9  # the feed's clock
+        ticks = [Trade("BTCUSDT", now, 1.0, 1.0, trade_id=9), Trade("BTCUSDT", now, 1.0, 1.0)]
+        await bus.publish(ticks, [(ticks[1], encode_upstream_gap("BINANCE", 10, 11, found))])
+        gaps = await bus.upstream_gaps(found - 10**9, found + 10**9, 10)
+        assert [(g["sym"], g["first_id"], g["ts"]) for g in gaps] == [("BTCUSDT", 10, found)]
+        assert await bus.upstream_gaps(now - 10**9, now + 10**9, 10) == []
+    finally:
+        await r.aclose()
+
+
+def test_binance_symbol_not_in_the_venues_form_is_refused_at_start() -> None:
+    with pytest.raises(VenueRefused, match="'BTC-USDT' is not a BINANCE symbol"):
+        VenueFeed(ADAPTERS["binance"], {"BTC-USDT": "BTC-USDT"})
+
+
+async def test_feed_status_figures_reach_the_heartbeat(redis_url) -> None:
+    venue = await FakeVenue("binance-futures").start()
+    try:
+        async with running(redis_url, venue, "binance-futures", ["BTCUSDT"]) as run:
+            await venue.subscribed(1)
+            await venue.emit(BINANCE_FUTURES[:5])
+            r = aioredis.Redis.from_url(redis_url)
+            try:
+                raw = await eventually(
+                    lambda: r.hgetall("tp:feed:test-binance-futures"),
+                    lambda h: b"source" in h and orjson.loads(h[b"source"])["ticks"] == 5,
+                    what="the feed's heartbeat with its source figures",
+                )
+            finally:
+                await r.aclose()
+            source = orjson.loads(raw[b"source"])
+            assert source["kind"] == "binance-futures" and source["state"] == "live"
+            assert source["symbols"] == ["BTCUSDT"] and source["latency_p50_ms"] is not None
+            assert run.feed.messages >= 5
+    finally:
+        await venue.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--symbols", "BTCUSDT"], {}, "--symbols goes with --source NAME"),
+        (["--source", "binance"], {}, "--source binance needs --symbols"),
+        (["--source", "bitmex", "--symbols", "XBTUSD"], {}, "invalid choice: 'bitmex'"),
+        (["--source", "alpaca", "--symbols", "AAPL"], {}, "needs TICKPIPE_ALPACA_KEY_ID"),
+        (["--source", "coinbase", "--symbols", "BTC-USD", "--url", "https://x"], {},
+         "give a WebSocket URL"),
+        (["--source", "binance", "--symbols", "BTCUSDT", "--map", "ETHUSDT=ETH"], {},
+         "not among --symbols"),
+        (["--source", "coinbase", "--symbols", "BTC-USD", "--agg-trades"], {},
+         "--agg-trades is for --source binance"),
+        (["--source", "binance", "--symbols", "BTC-USDT"], {}, "is not a BINANCE symbol"),
+    ],
+)  # fmt: skip
+def test_feed_source_flags_that_cannot_work_say_what_to_pass(tmp_path, args, env, says) -> None:
+    from tests.test_cli import tickpipe
+
+    out = tickpipe(tmp_path, "feed", *args, **env)
+    assert out.returncode in (1, 2), out
+    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+async def _cli_feed(
+    redis_url: str, tmp: Path, *args: str, **env: str
+) -> asyncio.subprocess.Process:
+    import os
+    import sys
+
+    from tests.harness import ROOT
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TICKPIPE_")}
+    base |= {"TICKPIPE_REDIS_URL": redis_url, "TICKPIPE_DATA_DIR": str(tmp / "data")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "feed", *args, cwd=ROOT, env={**base, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def test_cli_feed_exits_naming_the_refused_symbol(redis_url, tmp_path) -> None:
+    venue = await FakeVenue("coinbase", refuse=frozenset({"GIBBERISH-USD"})).start()
+    try:
+        proc = await _cli_feed(redis_url, tmp_path, "--source", "coinbase", "--symbols",
+                               "BTC-USD,GIBBERISH-USD", "--url", venue.url)  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        text = out.decode()
+        assert proc.returncode == 1, text
+        assert (
+            "coinbase refused the symbol GIBBERISH-USD: Failed to subscribe: GIBBERISH-USD"
+            " is not a valid product" in text
+        )
+        assert "Traceback" not in text
+    finally:
+        await venue.stop()
+
+
+async def test_alpaca_key_and_secret_never_appear_in_the_feeds_output(redis_url, tmp_path):
+    venue = await FakeVenue("alpaca", key=SECRET).start()
+    keys = {"TICKPIPE_ALPACA_KEY_ID": SECRET[0], "TICKPIPE_ALPACA_SECRET_KEY": SECRET[1]}
+    try:
+        wrong = await _cli_feed(redis_url, tmp_path, "--source", "alpaca", "--symbols", "AAPL",
+                                "--url", venue.url, TICKPIPE_ALPACA_KEY_ID=SECRET[0],
+                                TICKPIPE_ALPACA_SECRET_KEY="not-the-secret")  # fmt: skip
+        out, _ = await asyncio.wait_for(wrong.communicate(), 30)
+        text = out.decode()
+        assert wrong.returncode == 1 and "402 auth failed" in text, text
+        assert SECRET[0] not in text and "not-the-secret" not in text
+        ok = await _cli_feed(redis_url, tmp_path, "--source", "alpaca", "--symbols", "AAPL,AMD",
+                             "--url", venue.url, "--name", "alpaca-test", **keys)  # fmt: skip
+        await venue.subscribed(1)
+        await venue.emit(ALPACA)
+        venue.drop()  # a reconnect signs in again
+        await venue.subscribed(2)
+        ok.terminate()
+        out, _ = await asyncio.wait_for(ok.communicate(), 30)
+        text = out.decode()
+        assert "reconnecting" in text and "live again" in text, text
+        assert SECRET[0] not in text and SECRET[1] not in text
+        assert sum(SECRET[1] in m for m in venue.received) == 2  # it did send them, twice
+    finally:
+        await venue.stop()
+
+
+async def test_credentials_in_the_url_never_appear_in_the_feeds_output(redis_url, tmp_path):
+    """A private gateway's user, password or token in ``--url`` is used, never logged."""
+    venue = await FakeVenue("coinbase").start()
+    url = venue.url.replace("ws://", "ws://gw-user:gw-pass-5e6f@") + "?token=tok-9a8b7c"
+    try:
+        proc = await _cli_feed(redis_url, tmp_path, "--source", "coinbase", "--symbols",
+                               "BAND-BTC", "--url", url, "--name", "cb-gateway")  # fmt: skip
+        await venue.subscribed(1)
+        venue.drop()
+        await venue.subscribed(2)
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        text = out.decode()
+        assert f"from ws://127.0.0.1:{venue.port}/" in text and "live again" in text, text
+        assert "gw-pass-5e6f" not in text and "tok-9a8b7c" not in text and "gw-user" not in text
+    finally:
+        await venue.stop()
+
+
+def test_the_venues_procfile_runs_the_simulator_and_two_venue_feeds() -> None:
+    """``honcho start -f Procfile.venues`` (README): every line is a valid command, the venue
+    feeds have their own names; ``make run``'s Procfile keeps the simulator alone."""
+    from server.cli import build_parser
+    from tests.harness import ROOT
+
+    procs = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile.venues").read_text().splitlines()
+    )
+    sources = {}
+    for command in procs.values():
+        args = build_parser().parse_args(command.split()[1:])
+        if args.cmd == "feed" and args.source:
+            sources[args.source] = args.name
+    assert sources == {"binance": "binance", "coinbase": "coinbase"}
+    assert "--source" not in (ROOT / "Procfile").read_text()
+
+
+async def test_a_venue_that_is_not_there_yet_is_connecting_then_live(redis_url) -> None:
+    """Connection refused at start: the source stays `connecting`, retrying with backoff, and
+    goes live once the venue answers; failed attempts are not counted as reconnects."""
+    from tests.harness import free_port
+
+    port = free_port()
+    venue = FakeVenue("coinbase")
+    venue.port = port
+    async with running(redis_url, venue, "coinbase", ["BAND-BTC"]) as run:
+        await asyncio.sleep(1.0)
+        assert run.feed.state == "connecting" and run.feed.reconnects == 0
+        assert "Connect" in run.feed.last_error or "refused" in run.feed.last_error
+        from websockets.asyncio.server import serve
+
+        venue.server = await serve(venue._handle, "127.0.0.1", port, ping_interval=None)
+        try:
+            await eventually(lambda: run.feed.state == "live", what="live once the venue is up")
+            assert run.feed.reconnects == 0
+        finally:
+            await venue.stop()
+
+
+def test_a_backlog_goes_out_in_bounded_batches_with_each_gap_in_place() -> None:
+    """After Redis was slow or away, what piled up is handed out ``MAX_BATCH`` ticks at a time
+    (one script call must stay short), each upstream gap with its own batch and position."""
+    from server.feed.sources.session import MAX_BATCH
+
+    feed = VenueFeed(ADAPTERS["coinbase"], {"X-USD": "X-USD"})
+    ts = 1_700_000_000_000_000_000
+    ids = [*range(1, MAX_BATCH + 1), MAX_BATCH + 3, *range(MAX_BATCH + 4, MAX_BATCH + 10)]
+    for n, trade_id in enumerate(ids):
+        feed.trade(Trade("X-USD", ts + n, 1.0, 1.0, "buy", "COINBASE", trade_id, ts + n))
+    first, gaps_first = feed.due(0, 0), feed.take_gaps()
+    second, gaps_second = feed.due(0, 0), feed.take_gaps()
+    assert len(first) == MAX_BATCH and gaps_first == []
+    assert [t.trade_id for t in second] == ids[MAX_BATCH:]
+    [(at, gap)] = gaps_second
+    assert at == 0 and (gap.first, gap.last) == (MAX_BATCH + 1, MAX_BATCH + 2)
+    assert feed.due(0, 0) == [] and feed.take_gaps() == []
