@@ -449,10 +449,11 @@ async def test_recorder_tile_says_idle_not_a_growing_lag_when_the_feed_stops(
     page = await open_dashboard(browser, s, s.key("ops", ("admin", "realtime")))
     tile = ".tile[data-id='recorder']"
     try:
-        await tile_state(page, "recorder", "up")
+        # the recorder can be behind for a while on a busy machine: what matters is after the stop
+        await tile_state(page, "recorder", "up", timeout=60)
         assert s.feed is not None
         s.feed.stop()
-        await page.wait_for_selector(f"{tile} .reason:has-text('idle')", timeout=10000)
+        await page.wait_for_selector(f"{tile} .reason:has-text('idle')", timeout=60000)
         lag = f"{tile} dt:text-is('lag') + dd"
         first = await page.text_content(lag)
         await asyncio.sleep(2.5)
