@@ -4,6 +4,8 @@ judged gone, ISO times, the contract's schemas."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 from server.mcp import contract
@@ -76,3 +78,15 @@ def test_tool_schemas_are_self_contained_objects() -> None:
             assert schema["type"] == "object"
             assert "$ref" not in str(schema) and "$defs" not in schema
         assert spec.description and len(spec.description) < 800
+
+
+def test_web_app_import_leaves_the_mcp_sdk_and_the_client_unloaded() -> None:
+    """The MCP SDK loads on the first ``/mcp`` request and the client's HTTP libraries never:
+    a web process starts without them (together about a second of CPU per start)."""
+    code = (
+        "import sys, server.app; "
+        "print(sorted(m for m in ('mcp', 'mcp_types', 'httpx', 'tickpipe.client') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

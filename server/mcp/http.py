@@ -10,6 +10,10 @@ The key goes into the scope as the SDK's ``AuthenticatedUser``, so the session m
 The SDK's own ``TokenVerifier``/``AuthSettings`` is not used: it is an OAuth 2.1
 resource-server integration (an issuer URL, protected-resource metadata, OAuth-shaped 401s),
 and tickpipe keys are opaque bearer keys checked against the key file.
+
+The SDK (about half of a web process's import time) loads on the first request to ``/mcp``,
+in a thread so live fan-out goes on meanwhile, and its session manager starts then; a web
+process nobody asks for MCP never loads it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import orjson
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
-from mcp.server.auth.provider import AccessToken
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecuritySettings
 from starlette.authentication import AuthCredentials
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
@@ -31,7 +32,11 @@ from starlette.types import Receive, Scope, Send
 from server.api.errors import ApiError, key_from_header
 from server.api.state import AppState
 from server.config import Settings
-from server.mcp.server import KEY_SCOPE, McpService, board_status, request_error
+
+if TYPE_CHECKING:
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+    from server.mcp.server import McpService
 
 SESSION_HEADER = "mcp-session-id"
 
@@ -90,8 +95,26 @@ class SessionActivity:
         self._in_flight.pop(session_id, None)
 
 
-async def _refuse(exc: ApiError, send: Send) -> None:
-    error = request_error(exc).error
+class _Sdk:
+    """The SDK's pieces and tickpipe's handlers on it, imported on first use (see above)."""
+
+    def __init__(self) -> None:
+        from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+        from mcp.server.auth.provider import AccessToken
+        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        from server.mcp import server
+
+        self.AuthenticatedUser = AuthenticatedUser
+        self.AccessToken = AccessToken
+        self.StreamableHTTPSessionManager = StreamableHTTPSessionManager
+        self.TransportSecuritySettings = TransportSecuritySettings
+        self.server = server
+
+
+async def _refuse(sdk: _Sdk, exc: ApiError, send: Send) -> None:
+    error = sdk.server.request_error(exc).error
     body = orjson.dumps(
         {"jsonrpc": "2.0", "id": None, "error": error.model_dump(mode="json", exclude_none=True)}
     )
@@ -103,52 +126,97 @@ async def _refuse(exc: ApiError, send: Send) -> None:
 
 
 class McpEndpoint:
-    """The ASGI app at ``/mcp``; ``serve(st)`` runs it for the life of the web process."""
+    """The ASGI app at ``/mcp``; ``serve(st)`` runs it for the life of the web process: the
+    SDK's session manager starts with the first request and stops when ``serve`` ends."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.activity = SessionActivity(settings.mcp_session_idle_s)
         self.service: McpService | None = None
         self._manager: StreamableHTTPSessionManager | None = None
+        self._st: AppState | None = None
+        self._sdk: asyncio.Task[_Sdk] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._stop = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def serve(self, st: AppState) -> AsyncIterator[None]:
-        """Start the session manager and the upkeep of subscriptions; stop both on exit."""
-        service = McpService(st, "http", lambda key: board_status(st, key))
-        manager = StreamableHTTPSessionManager(
-            app=service.server,
-            # Host/Origin checks guard servers a web page could reach without credentials;
-            # every request here needs a bearer key, which a page from elsewhere does not have.
-            security_settings=TransportSecuritySettings(enable_dns_rebinding_protection=False),
-            session_idle_timeout=self.settings.mcp_session_idle_s,
-        )
-        async with manager.run():
-            upkeep = asyncio.create_task(service.enforce(self.activity.ended))
-            self.service, self._manager = service, manager
-            try:
-                yield
-            finally:
-                self.service = self._manager = None
-                upkeep.cancel()
-                service.subscriptions.close()
+        """Accept requests for ``st``; on exit stop the session manager and the upkeep of
+        subscriptions if the first request started them."""
+        self._st, self._stop = st, asyncio.Event()
+        try:
+            yield
+        finally:
+            self._st = None
+            runner, self._runner, self._ready = self._runner, None, None
+            if runner is not None:
+                self._stop.set()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await runner
+
+    async def _load(self) -> _Sdk:
+        if self._sdk is None:
+            self._sdk = asyncio.create_task(asyncio.to_thread(_Sdk))
+        return await asyncio.shield(self._sdk)
+
+    async def _started(self, sdk: _Sdk, st: AppState) -> None:
+        if self._runner is None or self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            self._runner = asyncio.create_task(self._run(sdk, st, self._ready))
+        await asyncio.shield(self._ready)
+
+    async def _run(self, sdk: _Sdk, st: AppState, ready: asyncio.Future[None]) -> None:
+        try:
+            mcp = sdk.server
+            service = mcp.McpService(st, "http", lambda key: mcp.board_status(st, key))
+            manager = sdk.StreamableHTTPSessionManager(
+                app=service.server,
+                # Host/Origin checks guard servers a web page could reach without credentials;
+                # every request here needs a bearer key, which a page from elsewhere does not have.
+                security_settings=sdk.TransportSecuritySettings(
+                    enable_dns_rebinding_protection=False
+                ),
+                session_idle_timeout=self.settings.mcp_session_idle_s,
+            )
+            async with manager.run():
+                upkeep = asyncio.create_task(service.enforce(self.activity.ended))
+                self.service, self._manager = service, manager
+                ready.set_result(None)
+                try:
+                    await self._stop.wait()
+                finally:
+                    self.service = self._manager = None
+                    upkeep.cancel()
+                    service.subscriptions.close()
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        service, manager = self.service, self._manager
         if scope["type"] != "http":
             return
-        if service is None or manager is None:
-            await _refuse(ApiError(503, "unavailable", "the server is starting; retry"), send)
+        sdk = await self._load()
+        st = self._st
+        if st is None:
+            await _refuse(sdk, ApiError(503, "unavailable", "the server is starting; retry"), send)
             return
         headers = Headers(scope=scope)
         try:
-            key = key_from_header(service.st.keys, headers.get("authorization"))
+            key = key_from_header(st.keys, headers.get("authorization"))
         except ApiError as exc:
-            await _refuse(exc, send)
+            await _refuse(sdk, exc, send)
+            return
+        await self._started(sdk, st)
+        manager = self._manager
+        if manager is None:  # serve() ended meanwhile: the process is stopping
+            await _refuse(sdk, ApiError(503, "unavailable", "the server is stopping; retry"), send)
             return
         scopes = sorted(key.scopes)
-        token = AccessToken(token=key.id, client_id=key.id, scopes=scopes)
-        scope["user"] = AuthenticatedUser(token)
+        token = sdk.AccessToken(token=key.id, client_id=key.id, scopes=scopes)
+        scope["user"] = sdk.AuthenticatedUser(token)
         scope["auth"] = AuthCredentials(scopes)
-        scope[KEY_SCOPE] = key
+        scope[sdk.server.KEY_SCOPE] = key
         with self.activity.request(headers.get(SESSION_HEADER), scope["method"]):
             await manager.handle_request(scope, receive, send)
