@@ -263,9 +263,8 @@ class Tickerplant:
                 if delay < -1.0:  # fell far behind (Redis outage): do not burst to catch up
                     next_t = loop.time()
                     delay = 0
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), delay)
+                if delay > 0:  # at most one batch interval (<= 1 s), so a stop is seen soon
+                    await asyncio.sleep(delay)
         finally:
             reporter.cancel()
             if live is not None:

@@ -51,6 +51,7 @@ log = logging.getLogger("tickpipe.recorder")
 # How far back (in log time) a publish can be retried after a failover: the stored seqs of the
 # logs' last minutes are read on start, so a restarted recorder still knows them.
 RETRY_WINDOW_MS = 10 * 60_000
+READ_PAUSE_S = 0.05  # after a read of a few entries, before the next (a quarter of a short flush)
 # A flush that cannot be written (disk full, I/O error, permissions): nothing is acknowledged.
 WRITE_FAILED = (OSError, pl.exceptions.PolarsError)
 UNREADABLE = WRITE_FAILED  # a stored file that cannot be read
@@ -240,6 +241,7 @@ class Recorder:
                         await self._ensure_group(self.layout.log_key(g))
                     ready = True
                 read = await self._read_logs(pending_phase)
+                got = sum(map(len, read.values()))
                 for g, entries in read.items():
                     buffer = buffers[g]
                     if pending_phase[g] and not entries:
@@ -253,6 +255,11 @@ class Recorder:
                         backoff = 0.5
                     elif not buffer:
                         started[g] = time.monotonic()
+                # A slow feed's entries come a few per read: let them gather for a moment
+                # instead of asking Redis a hundred times a second (they are stored after
+                # recorder_flush_s anyway); a full read or a backlog is read on at once.
+                if 0 < got < s.recorder_batch and not any(pending_phase.values()):
+                    await asyncio.sleep(min(READ_PAUSE_S, s.recorder_flush_s / 4))
             except WriteFailed as exc:
                 # Keep nothing in memory: the entries stay pending in the consumer group and
                 # are read again, oldest first, once the disk takes writes again.
