@@ -184,7 +184,7 @@ async def test_subscribe_reports_events_no_longer_kept_and_goes_on(tmp_path: Pat
     """No recorder, about 100 recent events per symbol in Redis and 1,000 batches (10 s) in the
     tickerplant log: after the web process was down for 14 s, the missed events are gone. The
     stream reports exactly which and goes on from the first event still kept."""
-    s = Stack(tmp_path, history_per_symbol=100, log_max_batches=1000).start()
+    s = Stack(tmp_path, history_per_symbol=100, log_max_batches=1000, feed_batch_ms=10).start()
     reported: list[tuple[int, Loss]] = []  # (ticks seen when it was reported, the loss)
     seen: list[int] = []
     try:
