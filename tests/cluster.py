@@ -126,7 +126,7 @@ class RedisCluster:
         """The nodes running (not killed, not frozen)."""
         return [n for n in self.nodes if n.proc is not None and n.port not in self.frozen]
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
+    def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every running node says ``cluster_state:ok``, agrees on every slot's owner and
         all replicas have synced."""
         deadline = time.monotonic() + timeout
@@ -184,7 +184,7 @@ class RedisCluster:
                     return node
         raise LookupError(f"master :{master.port} ({mid}) has no running replica")
 
-    def kill_master(self, node: Node, stall_replica_s: float = 0.0, timeout: float = 30.0) -> float:
+    def kill_master(self, node: Node, stall_replica_s: float = 0.0, timeout: float = 60.0) -> float:
         """SIGKILL a master and wait until its replica took over; returns the seconds that took.
 
         ``stall_replica_s``: first SIGSTOP its replica and cut the replication link, for that
@@ -205,7 +205,7 @@ class RedisCluster:
         self.wait_ok(timeout)
         return time.monotonic() - t0
 
-    def freeze_master(self, node: Node, timeout: float = 30.0) -> float:
+    def freeze_master(self, node: Node, timeout: float = 60.0) -> float:
         """SIGSTOP a master, a server that hangs (its connections stay open, nothing answers),
         and wait until the others failed it over; returns the seconds that took."""
         assert node.proc is not None

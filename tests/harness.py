@@ -43,6 +43,12 @@ def free_port() -> int:
 # SDK alone can take tens of seconds of wall time.
 START_S = 60.0
 
+# How long a test waits for something that should happen (an event, a close, a state): the wait
+# ends as soon as it does, so a generous limit costs nothing when all is well, and a machine
+# busy with other test workers (two cores at full load in CI) does not fail a correct test.
+# Checks that something does NOT happen within a time keep their own short windows.
+WAIT_S = 60.0
+
 
 def wait_port(port: int, timeout: float = START_S) -> None:
     deadline = time.monotonic() + timeout
@@ -113,7 +119,7 @@ class Proc:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)  # a clean exit (flushes, deregisters) can be slow under load
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -276,18 +282,19 @@ class Stack:
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=90,  # the CLI imports Polars and DuckDB: tens of seconds on a loaded machine
         )
 
     def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base, timeout=10)
+        return httpx.AsyncClient(base_url=self.base, timeout=WAIT_S)
 
     async def connect(self, key: str | None = None, **kw: Any) -> ClientConnection:
         headers = {"Authorization": f"Bearer {key}"} if key else None
+        kw.setdefault("open_timeout", WAIT_S)  # the library's 10 s handshake failed CI under load
         return await websockets.connect(self.ws_url, additional_headers=headers, **kw)
 
     async def client(
-        self, key: str, timeout: float = 5.0, **kw: Any
+        self, key: str, timeout: float = WAIT_S, **kw: Any
     ) -> tuple[ClientConnection, dict[str, Any]]:
         """A connected, authenticated client and its ``welcome`` event."""
         ws = await self.connect(key, open_timeout=timeout, **kw)
@@ -300,7 +307,7 @@ _pending: weakref.WeakKeyDictionary[ClientConnection, list[dict[str, Any]]] = (
 )
 
 
-async def recv_events(ws: ClientConnection, timeout: float = 5.0) -> list[dict[str, Any]]:
+async def recv_events(ws: ClientConnection, timeout: float = WAIT_S) -> list[dict[str, Any]]:
     """The events of the next frame (every frame must be a JSON array of typed events), or
     those ``next_event`` left over from the frame it found its event in."""
     left = _pending.pop(ws, None)
@@ -315,7 +322,7 @@ async def recv_events(ws: ClientConnection, timeout: float = 5.0) -> list[dict[s
 
 
 async def next_event(
-    ws: ClientConnection, type_: str, timeout: float = 5.0, **match: Any
+    ws: ClientConnection, type_: str, timeout: float = WAIT_S, **match: Any
 ) -> dict[str, Any]:
     """Read until an event of ``type_`` (with the given field values) arrives; the events after
     it in the same frame are kept for the next read."""
@@ -336,7 +343,7 @@ async def send(ws: ClientConnection, **msg: Any) -> None:
     await ws.send(orjson.dumps(msg).decode())
 
 
-async def close_code(ws: ClientConnection, timeout: float = 5.0) -> tuple[int | None, list]:
+async def close_code(ws: ClientConnection, timeout: float = WAIT_S) -> tuple[int | None, list]:
     """Drain until the server closes; returns the close code and the events seen."""
     seen: list[dict[str, Any]] = []
     with contextlib.suppress(websockets.ConnectionClosed):
@@ -345,11 +352,12 @@ async def close_code(ws: ClientConnection, timeout: float = 5.0) -> tuple[int | 
     return ws.close_code, seen
 
 
-async def recorded_for(stack: Stack, seconds: float, timeout: float = 60.0) -> None:
-    """Wait until the store holds AAPL ticks at least ``seconds`` old (needs the recorder)."""
+async def recorded_for(stack: Stack, seconds: float, timeout: float = WAIT_S) -> None:
+    """Wait until the store holds AAPL ticks at least ``seconds`` old (needs the recorder);
+    ``timeout`` counts from when they could first be that old."""
     from tickpipe import Client
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds + timeout
     async with Client(
         stack.base, stack.key(f"recorded-{time.monotonic_ns()}", ["historical"])
     ) as c:
@@ -389,7 +397,7 @@ def corrupt_history_file(root: Path, day: str = "2026-01-05") -> Path:
 async def eventually(
     probe: Callable[[], Any],
     done: Callable[[Any], bool] = bool,
-    timeout: float = 10.0,
+    timeout: float = WAIT_S,
     every: float = 0.1,
     what: str = "",
 ) -> Any:
@@ -410,7 +418,7 @@ async def eventually(
 def eventually_sync(
     probe: Callable[[], Any],
     done: Callable[[Any], bool] = bool,
-    timeout: float = 10.0,
+    timeout: float = WAIT_S,
     every: float = 0.1,
     what: str = "",
 ) -> Any:

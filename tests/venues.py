@@ -107,7 +107,7 @@ class FakeVenue:
                 conn.ws.transport.abort()
             conn.ready = False
 
-    async def subscribed(self, n: int, timeout: float = 15.0) -> None:
+    async def subscribed(self, n: int, timeout: float = 60.0) -> None:
         """Wait until ``n`` connections have subscribed since the start."""
         deadline = asyncio.get_running_loop().time() + timeout
         while self.subscriptions < n:
