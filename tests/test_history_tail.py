@@ -9,7 +9,7 @@ import time
 import httpx
 import polars as pl
 
-from tests.harness import Stack, eventually_sync
+from tests.harness import WAIT_S, Stack, eventually_sync
 from tests.test_recorder import count_stored, published
 
 SYMS = ["AAPL", "MSFT", "EURUSD"]
@@ -22,7 +22,7 @@ def _history(stack: Stack, start_ns: int, **params: object) -> httpx.Response:
         params={"symbols": ",".join(SYMS), "start": start_ns, "end": time.time_ns() + 60 * 10**9,
                 "format": "ndjson", **params},
         headers={"Authorization": f"Bearer {key}"},
-        timeout=30,
+        timeout=WAIT_S,
     )  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def _assert_contiguous_from_1(frame: pl.DataFrame, at_least: dict[str, tuple[int
 def test_a_range_up_to_now_has_every_seq_once_across_the_recorded_boundary(own_stack) -> None:
     s: Stack = own_stack(recorder=True, feed_rate=1000, recorder_flush_s=3)
     start = time.time_ns() - 60 * 10**9
-    eventually_sync(lambda: count_stored(s), timeout=20, what="a first stored tick")
+    eventually_sync(lambda: count_stored(s), what="a first stored tick")
     before = published(s)
     resp = _history(s, start)
     frame = _frame(resp)
@@ -75,8 +75,13 @@ def test_without_a_recorder_history_answers_from_the_log(own_stack) -> None:
 
 def test_a_recorder_far_behind_is_reported_not_hidden(own_stack) -> None:
     s: Stack = own_stack(feed_rate=500, history_tail_max_batches=5)
-    time.sleep(0.5)
-    resp = _history(s, time.time_ns() - 60 * 10**9)
+    start = time.time_ns() - 60 * 10**9
+    # more than 5 batches unrecorded: 50 ms at full pace, longer when a busy feed is slow
+    resp = eventually_sync(
+        lambda: _history(s, start),
+        lambda r: r.status_code != 200 or r.headers["X-Tickpipe-Unrecorded"].endswith("+"),
+        every=0.3, what="more than 5 batches published",
+    )  # fmt: skip
     assert resp.status_code == 200
     assert resp.headers["X-Tickpipe-Unrecorded"].endswith("+")
 
@@ -92,7 +97,7 @@ def test_with_redis_down_stored_history_still_answers_and_says_so(own_stack) -> 
     eventually_sync(
         lambda: _history(s, start),
         lambda r: r.headers["X-Tickpipe-Unrecorded"] == "0" and _frame(r).height >= total,
-        timeout=20, every=0.3, what="every published tick stored",
+        every=0.3, what="every published tick stored",
     )  # fmt: skip
     s.redis.kill()
     resp = _history(s, start)

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from server.auth import KeyStore, KeyStoreError, hash_secret
-from tests.harness import Stack, next_event
+from tests.harness import Stack, eventually, next_event
 
 
 def test_cli_creates_lists_and_revokes_keys(own_stack) -> None:
@@ -99,9 +99,8 @@ async def test_first_start_prints_an_admin_key_once(own_stack) -> None:
     s.web.stop()
     s.web.log.write_text("")
     s.start_web()
-    await asyncio.sleep(1.5)
+    await eventually(s.web.output, lambda out: "keys create" in out, what="the start-up notes")
     assert "admin key" not in s.web.output()
-    assert "keys create" in s.web.output()
     ws, _ = await s.client(secret)
-    await next_event(ws, "heartbeat", timeout=3)
+    await next_event(ws, "heartbeat")
     await ws.close()

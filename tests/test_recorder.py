@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from server.history.store import scan
-from tests.harness import Stack, eventually, eventually_sync
+from tests.harness import WAIT_S, Stack, eventually, eventually_sync
 
 
 def published(stack: Stack) -> dict[str, tuple[int, int]]:
@@ -30,7 +30,7 @@ def published(stack: Stack) -> dict[str, tuple[int, int]]:
         r.close()
 
 
-def wait_recorded(stack: Stack, expected: int, timeout: float = 30.0) -> int:
+def wait_recorded(stack: Stack, expected: int, timeout: float = WAIT_S) -> int:
     n: int = eventually_sync(lambda: count_stored(stack), lambda n: n >= expected, timeout, 0.3,
                              f"{expected} ticks stored")  # fmt: skip
     return n
@@ -294,7 +294,7 @@ def _recorder_state(stack: Stack) -> dict[str, str]:
         r.close()
 
 
-def _wait_state(stack: Stack, state: str, timeout: float = 30.0) -> dict[str, str]:
+def _wait_state(stack: Stack, state: str, timeout: float = WAIT_S) -> dict[str, str]:
     got: dict[str, str] = eventually_sync(
         lambda: _recorder_state(stack), lambda got: got.get("state") == state, timeout, 0.2,
         f"the recorder reporting {state}",
@@ -323,8 +323,15 @@ def test_a_full_disk_stops_acknowledging_and_loses_nothing(tmp_path) -> None:
         assert pending > 0 or int(_recorder_state(s)["lag_batches"]) > 0
         assert not list(history.glob("date=*/.*.tmp")), "a failed write left a partial file"
         admin = s.key("ops", ("admin",))
-        status = httpx.get(f"{s.base}/status", headers={"Authorization": f"Bearer {admin}"})
-        rec = next(p for p in status.json()["services"] if p["id"] == "recorder")
+
+        def recorder_part() -> dict:
+            status = httpx.get(
+                f"{s.base}/status", headers={"Authorization": f"Bearer {admin}"}, timeout=WAIT_S
+            )
+            return next(p for p in status.json()["services"] if p["id"] == "recorder")
+
+        # the board's next round (every second; later on a busy machine) sees the heartbeat
+        rec = eventually_sync(recorder_part, lambda rec: rec["state"] == "down", what="down")
         assert rec["state"] == "down" and "disk full" in rec["reason"], rec
         # "Free disk space": grow the filesystem under the running recorder.
         subprocess.run(["mount", "-o", "remount,size=64m", str(history)], check=True)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
-from tests.harness import Stack, next_event, recv_events, send
+from tests.harness import WAIT_S, Stack, next_event, recv_events, send
 
 
 async def test_subscribers_learn_of_the_outage_and_resume_on_the_new_epoch(own_stack) -> None:
@@ -27,7 +28,7 @@ async def test_subscribers_learn_of_the_outage_and_resume_on_the_new_epoch(own_s
     await asyncio.sleep(1.5)  # the feed holds its batch and retries meanwhile
 
     s.redis.start()  # comes back empty: the sequence restarts under a new epoch
-    gap = await next_event(ws, "status", code="gap", timeout=15)
+    gap = await next_event(ws, "status", code="gap")
     assert gap["symbols"] == ["AAPL", "MSFT"]
     assert set(gap["seq"]) == {"AAPL", "MSFT"}
     # Each symbol's new epoch is announced: by the gap status if the feed published before the
@@ -37,7 +38,7 @@ async def test_subscribers_learn_of_the_outage_and_resume_on_the_new_epoch(own_s
     }
     seen: dict[str, list[int]] = {}
     while min((len(v) for v in seen.values()), default=0) < 20 or len(seen) < 2:
-        for ev in await recv_events(ws, timeout=10):
+        for ev in await recv_events(ws):
             if ev["type"] == "status" and ev["code"] == "epoch_changed":
                 assert ev["epoch"] != old_epoch
                 new_epoch[ev["sym"]] = ev["epoch"]
@@ -67,18 +68,19 @@ async def test_subscribe_during_outage_gets_unavailable_then_works(own_stack) ->
     s.redis.kill()
     await asyncio.sleep(0.5)
     await send(ws, op="subscribe", id="early", symbols=["AAPL"])
-    err = await next_event(ws, "error", timeout=15)
+    err = await next_event(ws, "error")
     assert err["code"] == "unavailable" and err["id"] == "early" and err["fatal"] is False
     s.redis.start()
     await asyncio.sleep(1.0)
-    for _ in range(20):  # the feed re-registers its symbols once it publishes again
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:  # the feed re-registers its symbols once it publishes
         await send(ws, op="subscribe", id="later", symbols=["AAPL"])
-        ev = await next_event(ws, "subscribed", id="later", timeout=10)
+        ev = await next_event(ws, "subscribed", id="later")
         if ev["symbols"] == ["AAPL"]:
             break
         await asyncio.sleep(0.25)
     assert ev["symbols"] == ["AAPL"]
-    await next_event(ws, "quote", timeout=10)
+    await next_event(ws, "quote")
     await ws.close()
 
 
@@ -105,7 +107,7 @@ async def test_a_resume_after_redis_restarts_with_its_data_is_served(own_stack) 
     await send(ws, op="subscribe", id="re", symbols=["AAPL"], from_seq={"AAPL": last}, epoch=epoch)
     resumed = None
     while resumed is None:
-        for ev in await recv_events(ws, timeout=15):
+        for ev in await recv_events(ws):
             assert ev["type"] != "error", ev
             if ev["type"] == "resumed":
                 resumed = ev

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.harness import Stack, eventually, next_event, recv_events, send
+from tests.harness import WAIT_S, Stack, eventually, next_event, recv_events, send
 from tests.test_recorder import published
 
 SYMS = ["AAPL", "MSFT"]
@@ -46,7 +46,7 @@ def assert_contiguous(ticks: list[dict], first: dict[str, int]) -> dict[str, int
 
 
 async def ticks_until(
-    ws, done, timeout: float = 15.0, resumed: tuple[str, ...] = ()
+    ws, done, timeout: float = WAIT_S, resumed: tuple[str, ...] = ()
 ) -> tuple[list[dict], list[dict]]:
     """(ticks, other events) until ``done(ticks)`` holds and a ``resumed`` event of each symbol
     in ``resumed`` has come (a long backlog can hold more ticks than ``done`` asks for)."""
@@ -76,7 +76,7 @@ async def test_then_live_hands_over_with_contiguous_seq_under_a_live_feed(
     caught = None
     early: list[dict] = []  # live events in the same frame as caught_up, after it
     while caught is None:
-        for ev in await recv_events(ws, 15):
+        for ev in await recv_events(ws):
             assert ev["type"] != "error", ev
             if caught is not None:
                 early.append(ev)
@@ -108,7 +108,7 @@ async def test_then_live_leaves_a_symbol_already_subscribed_as_it_was(live: Stac
         ws, op="replay", id="t", symbols=["AAPL"], start=start, speed="max", then_live=True,
         types=["trade"],
     )  # fmt: skip
-    await next_event(ws, "caught_up", id="t", timeout=15)
+    await next_event(ws, "caught_up", id="t")
     after, _ = await ticks_until(ws, lambda t: sum(x["type"] == "quote" for x in t) >= 5)
     assert sum(x["type"] == "quote" and "replay" not in x for x in after) >= 5
     await ws.close()
@@ -141,7 +141,14 @@ async def resume_after(
 async def test_resume_after_a_forced_disconnect_loses_and_repeats_nothing(live: Stack) -> None:
     key = live.key("drop", ["realtime"])
     epochs, last = await subscribe_and_read(live, key, 60)
-    await asyncio.sleep(1.0)  # ticks published meanwhile are in Redis' recent history
+    # ticks published meanwhile are in Redis' recent history: a second of them, 10 or more of
+    # each symbol (however slowly a busy machine's feed publishes them)
+    await asyncio.sleep(1.0)
+    await eventually(
+        lambda: asyncio.to_thread(published, live),
+        lambda pub: all(pub[s][1] - last[s] >= 10 for s in SYMS),
+        what="10 ticks of each symbol published meanwhile",
+    )
     _ticks, other = await resume_after(live, key, epochs, last)
     resumed = {e["sym"]: e for e in other if e["type"] == "resumed"}
     assert set(resumed) == set(SYMS)
@@ -184,7 +191,7 @@ async def test_bad_resume_requests_say_what_is_available_and_stay_live(live: Sta
     errors: dict[str, dict] = {}
     ticks: list[dict] = []
     while len(errors) < 3 or not {t["sym"] for t in ticks} >= {"AAPL", "MSFT", "NVDA"}:
-        for ev in await recv_events(ws, 10):
+        for ev in await recv_events(ws):
             if ev["type"] == "error":
                 errors[ev["sym"]] = ev
             elif ev["type"] in ("trade", "quote"):
@@ -207,7 +214,7 @@ async def test_a_seq_from_the_future_is_refused_with_where_data_starts(live: Sta
     await send(ws, op="subscribe", id="f", symbols=["AAPL"],
                from_seq={"AAPL": state["AAPL"][1] + 100_000}, epoch=state["AAPL"][0])  # fmt: skip
     err = await next_event(ws, "error", id="f")
-    tick = await next_event(ws, "trade", timeout=10)
+    tick = await next_event(ws, "trade")
     await ws.close()
     assert err["code"] == "resume_unavailable" and err["reason"] == "seq_from_future"
     assert err["epoch"] == state["AAPL"][0] and err["seq"] >= state["AAPL"][1]
@@ -266,7 +273,7 @@ async def test_resume_older_than_any_kept_data_is_refused_with_where_data_starts
     await send(ws, op="subscribe", id="g", symbols=["AAPL"], from_seq={"AAPL": 0},
                epoch=state["AAPL"][0])  # fmt: skip
     err = await next_event(ws, "error", id="g")
-    tick = await next_event(ws, "trade", timeout=10)
+    tick = await next_event(ws, "trade")
     await ws.close()
     assert err["code"] == "resume_unavailable" and err["reason"] == "too_old"
     assert err["available_from_seq"] > 1

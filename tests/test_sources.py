@@ -23,8 +23,10 @@ from server.feed.sources.continuity import Continuity
 from server.feed.tickerplant import Tickerplant
 from server.ticks import Quote, Trade
 from server.wire import split_events
-from tests.harness import RedisProcess, eventually
+from tests.harness import WAIT_S, RedisProcess, eventually
 from tests.venues import FakeVenue, lines
+
+CLI_S = 90.0  # a `tickpipe feed` process to its exit: its imports alone are slow on a busy machine
 
 SECRET = ("AKFAKEKEYID0123456789", "fakesecret-9f8e7d6c5b4a39281706f5e4d3c2b1a0")
 
@@ -284,7 +286,7 @@ async def running(
     finally:
         plant.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(task, WAIT_S)
 
 
 async def _published(run: Running, syms: list[str], n: int) -> list[dict[str, Any]]:
@@ -528,13 +530,14 @@ async def test_ticks_waiting_for_an_unreachable_redis_are_bounded(tmp_path) -> N
 async def test_silence_past_the_heartbeat_is_a_lost_connection(redis_url) -> None:
     venue = await FakeVenue("kraken").start()
     try:
-        async with running(redis_url, venue, "kraken", ["MATIC/USD"], silence_s=1.5) as run:
+        # silence_s: six heartbeats' time, so a busy machine's late one is not taken for silence
+        async with running(redis_url, venue, "kraken", ["MATIC/USD"], silence_s=3.0) as run:
             await venue.subscribed(1)
-            await asyncio.sleep(2.0)  # heartbeats every 0.5 s: still live
+            await asyncio.sleep(4.0)  # past silence_s; heartbeats every 0.5 s: still live
             assert run.feed.state == "live" and run.feed.reconnects == 0
             venue.muted = True
             await eventually(lambda: run.feed.reconnects >= 1, what="a reconnect after silence")
-            assert "no message from the venue for 1.5s" in run.feed.last_error
+            assert "no message from the venue for 3s" in run.feed.last_error
             venue.muted = False
             await eventually(lambda: run.feed.state == "live", what="live again")
     finally:
@@ -711,7 +714,7 @@ async def test_a_refused_symbol_stops_the_start_naming_it(redis_url, kind, symbo
     try:
         async with running(redis_url, venue, kind, symbols) as run:
             with pytest.raises(VenueRefused, match=f"refused the symbol {refused}:"):
-                await asyncio.wait_for(run.task, 10)
+                await asyncio.wait_for(run.task, WAIT_S)
             assert run.feed.state == "down"
     finally:
         await venue.stop()
@@ -736,7 +739,7 @@ async def test_a_symbol_another_live_source_publishes_is_refused_at_start(redis_
                 with pytest.raises(VenueRefused, match=(
                     "BTCUSDT is already published by the feed 'test-binance-futures' "
                     r"\(binance-futures\).*--map BTCUSDT=BTCUSDT-BINANCE")):  # fmt: skip
-                    await asyncio.wait_for(second.task, 10)
+                    await asyncio.wait_for(second.task, WAIT_S)
             assert spot.subscriptions == 0 and not first.task.done()
     finally:
         await futures.stop()
@@ -836,7 +839,7 @@ async def test_cli_feed_exits_naming_the_refused_symbol(redis_url, tmp_path) -> 
     try:
         proc = await _cli_feed(redis_url, tmp_path, "--source", "coinbase", "--symbols",
                                "BTC-USD,GIBBERISH-USD", "--url", venue.url)  # fmt: skip
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        out, _ = await asyncio.wait_for(proc.communicate(), CLI_S)
         text = out.decode()
         assert proc.returncode == 1, text
         assert (
@@ -855,7 +858,7 @@ async def test_alpaca_key_and_secret_never_appear_in_the_feeds_output(redis_url,
         wrong = await _cli_feed(redis_url, tmp_path, "--source", "alpaca", "--symbols", "AAPL",
                                 "--url", venue.url, TICKPIPE_ALPACA_KEY_ID=SECRET[0],
                                 TICKPIPE_ALPACA_SECRET_KEY="not-the-secret")  # fmt: skip
-        out, _ = await asyncio.wait_for(wrong.communicate(), 30)
+        out, _ = await asyncio.wait_for(wrong.communicate(), CLI_S)
         text = out.decode()
         assert wrong.returncode == 1 and "402 auth failed" in text, text
         assert SECRET[0] not in text and "not-the-secret" not in text
@@ -866,7 +869,7 @@ async def test_alpaca_key_and_secret_never_appear_in_the_feeds_output(redis_url,
         venue.drop()  # a reconnect signs in again
         await venue.subscribed(2)
         ok.terminate()
-        out, _ = await asyncio.wait_for(ok.communicate(), 30)
+        out, _ = await asyncio.wait_for(ok.communicate(), CLI_S)
         text = out.decode()
         assert "reconnecting" in text and "live again" in text, text
         assert SECRET[0] not in text and SECRET[1] not in text
@@ -886,7 +889,7 @@ async def test_credentials_in_the_url_never_appear_in_the_feeds_output(redis_url
         venue.drop()
         await venue.subscribed(2)
         proc.terminate()
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        out, _ = await asyncio.wait_for(proc.communicate(), CLI_S)
         text = out.decode()
         assert f"from ws://127.0.0.1:{venue.port}/" in text and "live again" in text, text
         assert "gw-pass-5e6f" not in text and "tok-9a8b7c" not in text and "gw-user" not in text
@@ -921,7 +924,8 @@ async def test_a_venue_that_is_not_there_yet_is_connecting_then_live(redis_url) 
     venue = FakeVenue("coinbase")
     venue.port = port
     async with running(redis_url, venue, "coinbase", ["BAND-BTC"]) as run:
-        await asyncio.sleep(1.0)
+        await eventually(lambda: run.feed.last_error, what="a refused attempt")
+        await asyncio.sleep(1.0)  # and retries meanwhile
         assert run.feed.state == "connecting" and run.feed.reconnects == 0
         assert "Connect" in run.feed.last_error or "refused" in run.feed.last_error
         from websockets.asyncio.server import serve

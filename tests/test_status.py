@@ -12,7 +12,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Stack, eventually, next_event, recv_events, send
+from tests.harness import WAIT_S, Stack, eventually, next_event, recv_events, send
 
 STATES = {"up", "degraded", "down"}
 
@@ -32,7 +32,7 @@ def agent(stack: Stack) -> str:
 
 
 async def _full_status(
-    stack: Stack, key: str, timeout: float = 10.0, up: tuple[str, ...] = ("feed:sim",)
+    stack: Stack, key: str, timeout: float = WAIT_S, up: tuple[str, ...] = ("feed:sim",)
 ) -> dict[str, Any]:
     """The admin form, once the board has done a round that saw the feed publishing (and the
     other parts in ``up`` up: a recorder's first heartbeat comes a second after it starts)."""
@@ -141,8 +141,8 @@ async def test_status_channel_pushes_a_status_frame_every_second(stack: Stack, a
         await send(ws, op="subscribe", id="st", channels=["status"])
         sub = await next_event(ws, "subscribed", id="st")
         assert sub["channels"] == ["status"] and sub["symbols"] == []
-        first = await next_event(ws, "service_status", timeout=3)
-        second = await next_event(ws, "service_status", timeout=3)
+        first = await next_event(ws, "service_status")
+        second = await next_event(ws, "service_status")
         assert second["server_time"] > first["server_time"]
         for ev in (first, second):
             assert ev["status"] in STATES
@@ -174,7 +174,7 @@ async def test_status_channel_from_non_admin_key_is_forbidden_and_socket_stays_o
         assert "admin" in err["message"] and "Nothing was subscribed" in err["message"]
         await send(ws, op="ping", id=9)
         events = []
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + WAIT_S
         while not any(e["type"] == "pong" for e in events):
             events.extend(await recv_events(ws, timeout=deadline - time.monotonic()))
         assert not [e for e in events if e["type"] in ("service_status", "trade", "quote")]
@@ -187,13 +187,16 @@ async def test_throttle_ms_sends_at_most_the_latest_trade_and_quote_per_period(
 ) -> None:
     ws, _ = await stack.client(agent)
     try:
+        asked = time.monotonic()  # no sample can be taken before the subscribe is sent
         await send(ws, op="subscribe", id="t", symbols=["AAPL", "MSFT"], throttle_ms=500)
         sub = await next_event(ws, "subscribed", id="t")
         assert sub["throttle_ms"] == 500
         frames: list[list[dict[str, Any]]] = []
         start = time.monotonic()
         while time.monotonic() - start < 3.2:
-            frames.append(await recv_events(ws, timeout=2))
+            frames.append(await recv_events(ws))
+        # every sample counted was taken in this time (a busy machine's late frame lengthens it)
+        took = time.monotonic() - asked
         ticks = [e for f in frames for e in f if e["type"] in ("trade", "quote")]
         assert ticks, "sampled ticks must still flow"
         # The feed publishes ~40 ticks/s for each of these symbols; sampled, each symbol gets
@@ -201,7 +204,7 @@ async def test_throttle_ms_sends_at_most_the_latest_trade_and_quote_per_period(
         for sym in ("AAPL", "MSFT"):
             for kind in ("trade", "quote"):
                 n = sum(1 for e in ticks if e["sym"] == sym and e["type"] == kind)
-                assert n <= 3.2 / 0.5 + 2, (sym, kind, n)
+                assert n <= took / 0.5 + 2, (sym, kind, n, took)
         for f in frames:
             kinds = [(e["sym"], e["type"]) for e in f if e["type"] in ("trade", "quote")]
             assert len(kinds) == len(set(kinds)), "one event per symbol and type per sample"
@@ -291,7 +294,9 @@ async def test_stopped_feed_and_recorder_show_down_and_symbols_stale_within_seco
             stale = {x["sym"] for x in body["symbols"] if x["stale"]}
             if feed["state"] == "down" and rec["state"] == "down" and "AAPL" in stale:  # type: ignore[index]
                 break
-            assert time.monotonic() - stopped < 8, body
+            # Down after 3 s without a heartbeat (test_status_judges pins the verdicts): here it
+            # is enough that the board gets there, however late a busy machine runs its rounds.
+            assert time.monotonic() - stopped < WAIT_S, body
             await asyncio.sleep(0.3)
     assert "heartbeat" in feed["reason"]  # type: ignore[index]
     aapl = next(x for x in body["symbols"] if x["sym"] == "AAPL")
@@ -313,7 +318,7 @@ async def test_recorder_is_idle_not_lagging_when_the_feed_stops(own_stack: type[
             assert rec is not None
             if rec["reason"].startswith("idle"):
                 break
-            assert time.monotonic() - stopped < 10, rec
+            assert time.monotonic() - stopped < WAIT_S, rec  # the recorder catches up first
             await asyncio.sleep(0.3)
         await asyncio.sleep(2.0)
         later = _part((await http.get("/status", headers=_auth(key))).json(), "recorder")
