@@ -39,7 +39,7 @@ def stored_last(stack: Stack, sym: str) -> int:
     return (row[0] if row else None) or 0
 
 
-async def until_stored(check, timeout: float = 30.0, what: str = "condition") -> None:
+async def until_stored(check, timeout: float = 60.0, what: str = "condition") -> None:
     """Wait until ``check`` (which reads the store: run in a thread) holds."""
     await eventually(lambda: asyncio.to_thread(check), timeout=timeout, every=0.2, what=what)
 
@@ -62,7 +62,7 @@ async def resume_until_live(
         )
 
     while not done():
-        for ev in await recv_events(ws, 15):
+        for ev in await recv_events(ws):
             if ev["type"] in ("trade", "quote"):
                 (backlog if "epoch" in ev else live).append(ev)
             else:
@@ -151,7 +151,7 @@ async def test_a_slow_then_live_replay_hands_over_without_a_gap(tmp_path: Path) 
         await send(ws, op="pause", id="h")
         events: list[dict] = []
         while not any(e["type"] == "replay_state" for e in events):
-            events += await recv_events(ws, 10)
+            events += await recv_events(ws)
         await asyncio.sleep(0.5)  # the replay has read its stored range by now
         ended = {x: seq for x, (_epoch, seq) in (await asyncio.to_thread(published, s)).items()}
         await until_stored(
@@ -161,7 +161,7 @@ async def test_a_slow_then_live_replay_hands_over_without_a_gap(tmp_path: Path) 
         caught = None
         after: list[dict] = []  # live ticks after caught_up
         while caught is None or min(sum(t["sym"] == x for t in after) for x in SYMS) < 20:
-            for ev in await recv_events(ws, 20):
+            for ev in await recv_events(ws):
                 if caught is not None:
                     after += [ev] if ev["type"] in ("trade", "quote") else []
                 elif ev["type"] == "caught_up":

@@ -38,7 +38,7 @@ def tickpipe(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[s
         env={**base, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,  # imports Polars and DuckDB first: slow on a busy machine
     )
 
 

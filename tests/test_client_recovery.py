@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.harness import free_port
+from tests.harness import WAIT_S, free_port
 from tickpipe import Client
 
 EPOCH = 1_790_000_000_000
@@ -172,9 +172,9 @@ async def test_a_web_process_that_never_welcomes_is_left_for_the_next() -> None:
     a, b = free_port(), free_port()
     async with serve(silent, "127.0.0.1", a), serve(live.handler, "127.0.0.1", b):
         urls = [f"http://127.0.0.1:{a}", f"http://127.0.0.1:{b}"]
-        got = await asyncio.wait_for(_first_trades(urls, connect_timeout=0.5), 10)
+        got = await asyncio.wait_for(_first_trades(urls, connect_timeout=0.5), WAIT_S)
         assert [t["seq"] for t in got] == [1, 2, 3, 4, 5] and live.connections == 1
-        await asyncio.wait_for(closed.wait(), 5)
+        await asyncio.wait_for(closed.wait(), WAIT_S)
 
 
 async def test_a_web_process_that_closes_before_welcome_is_left_for_the_next() -> None:
@@ -185,7 +185,7 @@ async def test_a_web_process_that_closes_before_welcome_is_left_for_the_next() -
     a, b = free_port(), free_port()
     async with serve(closing, "127.0.0.1", a), serve(live.handler, "127.0.0.1", b):
         urls = [f"http://127.0.0.1:{a}", f"http://127.0.0.1:{b}"]
-        got = await asyncio.wait_for(_first_trades(urls), 10)
+        got = await asyncio.wait_for(_first_trades(urls), WAIT_S)
         assert [t["seq"] for t in got] == [1, 2, 3, 4, 5] and live.connections == 1
 
 

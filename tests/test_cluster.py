@@ -121,15 +121,15 @@ async def test_live_ticks_on_a_cluster_are_contiguous_and_the_same_as_recorded_h
         ws, _ = await stack.client(key)
         await send(ws, op="subscribe", symbols=SYMS)
         got: dict[tuple[str, int], dict] = {}
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while len(got) < 600 and time.monotonic() < deadline:
-            for ev in await recv_events(ws, timeout=10):
+            for ev in await recv_events(ws):
                 if ev["type"] in ("trade", "quote"):
                     assert (ev["sym"], ev["seq"]) not in got, f"doubled: {ev}"
                     got[(ev["sym"], ev["seq"])] = ev
                 assert ev.get("code") != "gap", ev
         await ws.close()
-        assert len(got) >= 600, f"only {len(got)} ticks in 30 s"
+        assert len(got) >= 600, f"only {len(got)} ticks in 60 s"
         by_sym: dict[str, list[int]] = {}
         for sym, seq in got:
             by_sym.setdefault(sym, []).append(seq)
@@ -154,7 +154,7 @@ async def test_live_ticks_on_a_cluster_are_contiguous_and_the_same_as_recorded_h
                 lost = sorted(set(got) - set(await stored()))
                 return len(lost), lost[:5]
 
-            await eventually(missing, lambda m: m[0] == 0, timeout=30, every=0.5,
+            await eventually(missing, lambda m: m[0] == 0, every=0.5,
                              what="every received tick in history")  # fmt: skip
             rows = await stored()
         assert set(rows) == set(got), "history holds exactly the ticks clients received"
@@ -233,7 +233,7 @@ async def test_status_quota_and_revocation_work_on_a_cluster(
                 and len(body.get("symbols", [])) == len(SYMS)
             )
 
-        await eventually(status, all_up, timeout=20, every=0.5, what="every part up")
+        await eventually(status, all_up, every=0.5, what="every part up")
         # The quota script (connection sets and web heartbeats share the {ops} slot).
         key = stack.key("one", ["realtime"])
         ws, _ = await stack.client(key)
@@ -243,9 +243,9 @@ async def test_status_quota_and_revocation_work_on_a_cluster(
         # Revocation is a plain channel: the cluster broadcasts it to every node.
         listener = redis_cluster.masters()[-1].client().pubsub()
         listener.subscribe("tp:ctl:keys")
-        assert listener.get_message(timeout=2)["type"] == "subscribe"
+        assert listener.get_message(timeout=60)["type"] == "subscribe"
         assert stack.cli("keys", "revoke", "one").returncode == 0
-        msg = listener.get_message(timeout=5)
+        msg = listener.get_message(timeout=60)
         listener.close()
         assert msg is not None and msg["data"] == b"one"
         code, _ = await close_code(ws)

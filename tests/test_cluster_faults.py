@@ -77,7 +77,7 @@ class Plain:
         await send(ws, op="subscribe", symbols=SYMS)
         try:
             while True:
-                for ev in await recv_events(ws, timeout=30):
+                for ev in await recv_events(ws):
                     if ev["type"] in ("trade", "quote"):
                         self.seqs[ev["sym"]].append(ev["seq"])
                     elif ev.get("code") == "gap":
@@ -222,7 +222,7 @@ async def test_a_master_failing_under_load_loses_no_stored_tick_for_resuming_cli
             asyncio.create_task(two.run(f"http://127.0.0.1:{port2}", key)),
             asyncio.create_task(plain.run(stack, key)),
         ]
-        await eventually(lambda: len(one.ticks) > 300 and len(two.ticks) > 300, timeout=30,
+        await eventually(lambda: len(one.ticks) > 300 and len(two.ticks) > 300,
                          what="both clients receiving")  # fmt: skip
         victim, hit = victim_of(cluster, Layout.of(settings))
         before = {s: max(one.at.get(s, 0), two.at.get(s, 0)) for s in hit}
@@ -281,7 +281,7 @@ async def test_a_slot_migration_under_load_loses_and_doubles_nothing(
             asyncio.create_task(client.run(stack.base, key)),
             asyncio.create_task(plain.run(stack, key)),
         ]
-        await eventually(lambda: len(client.ticks) > 300, timeout=30, what="ticks flowing")
+        await eventually(lambda: len(client.ticks) > 300, what="ticks flowing")
         # Move the fewest slots that carry one group of the test symbols: redis-cli takes a
         # source's slots from its lowest one up.
         masters = cluster.masters()

@@ -15,7 +15,7 @@ import redis
 import websockets
 
 from server.wire import CloseCode
-from tests.harness import Stack, next_event, recv_events, send
+from tests.harness import WAIT_S, Stack, next_event, recv_events, send
 
 
 def redis_seq(stack: Stack, sym: str) -> int:
@@ -86,7 +86,7 @@ async def test_client_that_stops_reading_is_closed_as_slow_consumer_4008(own_sta
     good, _ = await s.client(s.key("awake"))
     await send(good, op="subscribe", symbols=["AAPL"])
     await next_event(good, "subscribed")
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + WAIT_S
     while "slow_consumer" not in s.web.output() and time.monotonic() < deadline:
         await next_event(good, "quote")  # the sleeper does not hold anybody up
     assert "slow_consumer" in s.web.output(), "the sleeper was never cut off"
@@ -96,7 +96,7 @@ async def test_client_that_stops_reading_is_closed_as_slow_consumer_4008(own_sta
     events: list[dict] = []
     with contextlib.suppress(websockets.ConnectionClosed):
         while True:
-            events.extend(await recv_events(ws, timeout=10))
+            events.extend(await recv_events(ws))
     assert ws.close_code == CloseCode.SLOW_CONSUMER == 4008
     assert ws.close_reason.startswith("slow_consumer: more than 200000 bytes")
     err = events[-1]
@@ -126,7 +126,7 @@ async def test_lagging_client_gets_quotes_conflated_but_every_trade(own_stack) -
     statuses: list[str] = []
     t_end = time.monotonic() + 8  # then read as fast as we can: the backlog drains
     while time.monotonic() < t_end:
-        for ev in await recv_events(ws, timeout=5):
+        for ev in await recv_events(ws):
             if ev["type"] in ("trade", "quote"):
                 got[ev["sym"]].append(ev["seq"])
             elif ev["type"] == "status":

@@ -86,7 +86,7 @@ def test_simulator_is_reproducible_and_realistic() -> None:
 def test_running_feed_reports_its_figures_in_redis(stack: Stack) -> None:
     r = redis.Redis.from_url(stack.redis.url)
     try:
-        fig = eventually_sync(lambda: r.hgetall("tp:feed:sim"), timeout=5, what="feed figures")
+        fig = eventually_sync(lambda: r.hgetall("tp:feed:sim"), what="feed figures")
         assert 0 < r.ttl("tp:feed:sim") <= 10, "figures expire when the feed dies"
     finally:
         r.close()

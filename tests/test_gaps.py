@@ -61,7 +61,7 @@ def _key(stack: Stack, scopes: tuple[str, ...] = ("historical",), symbols=None) 
 
 def _get(stack: Stack, path: str, key: str | None, **params: object) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.get(f"{stack.base}{path}", params=params, headers=headers, timeout=20)
+    return httpx.get(f"{stack.base}{path}", params=params, headers=headers, timeout=60)
 
 
 def _gaps(stack: Stack, key: str | None, **params: object) -> httpx.Response:

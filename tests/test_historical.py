@@ -104,7 +104,7 @@ def _range(stack: Stack) -> tuple[int, int]:
 def _get(stack: Stack, key: str | None, headers: dict[str, str] | None = None, **params):
     h = {"Authorization": f"Bearer {key}"} if key else {}
     h.update(headers or {})
-    return httpx.get(f"{stack.base}/ticks/historical", params=params, headers=h, timeout=20)
+    return httpx.get(f"{stack.base}/ticks/historical", params=params, headers=h, timeout=60)
 
 
 def _key(stack: Stack, scopes: tuple[str, ...] = ("historical",), symbols=None) -> str:

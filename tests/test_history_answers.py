@@ -177,6 +177,7 @@ def test_arrow_options_that_do_not_apply_are_a_422(servers, params, says: str) -
         f"{merged.base}/ticks/historical",
         params={"symbols": "AAA", "start": T0, "end": T0 + DAY, **params},
         headers={"Authorization": f"Bearer {merged.secret}"},  # type: ignore[attr-defined]
+        timeout=60,
     )
     assert r.status_code == 422
     assert says in r.json()["error"]["message"]

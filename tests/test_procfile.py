@@ -47,7 +47,7 @@ class Honcho:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    async def wait_for(self, text: str, timeout: float = 30) -> str:
+    async def wait_for(self, text: str, timeout: float = 90) -> str:
         out: str = await eventually(
             self.output, lambda out: text in out, timeout, 0.2, f"{text!r} in the output"
         )
@@ -59,7 +59,7 @@ class Honcho:
             os.killpg(self.proc.pid, signal.SIGINT)
         return self.wait()
 
-    def wait(self, timeout: float = 30) -> int:
+    def wait(self, timeout: float = 60) -> int:
         try:
             return self.proc.wait(timeout)
         finally:
@@ -110,13 +110,13 @@ async def check_live_ticks(h: Honcho) -> None:
         f"ws://127.0.0.1:{h.web_port}/ws",
         additional_headers={"Authorization": f"Bearer {made.stdout.strip()}"},
     ) as ws:
-        await next_event(ws, "welcome", timeout=10)
+        await next_event(ws, "welcome")
         await send(ws, op="subscribe", symbols=["AAPL", "MSFT"])
-        sub = await next_event(ws, "subscribed", timeout=10)
+        sub = await next_event(ws, "subscribed")
         last = {s: v["seq"] for s, v in sub["seq"].items()}
         n, kinds = 0, set()
         while n < 200:
-            for ev in await recv_events(ws, timeout=10):
+            for ev in await recv_events(ws):
                 if ev["type"] in ("trade", "quote"):
                     assert ev["seq"] == last[ev["sym"]] + 1
                     last[ev["sym"]] = ev["seq"]

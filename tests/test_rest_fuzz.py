@@ -118,7 +118,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, st
     corrupt_history_file(s.data_dir / "history", "2026-11-28")  # the documented 500
     s.start()
     try:
-        eventually_sync(lambda: len(stored_files(s)) >= 2, timeout=20, every=0.2,
+        eventually_sync(lambda: len(stored_files(s)) >= 2, every=0.2,
                         what="two stored files")  # fmt: skip
         yield s, s.key("fuzz-admin", SCOPES)
     finally:
@@ -148,7 +148,7 @@ def test_every_answer_is_documented_and_no_undocumented_5xx(
     stack, admin = fuzzed
     kw = {
         "base_url": stack.base,
-        "timeout": 30,
+        "timeout": 60,
         "excluded_checks": [not_a_server_error, positive_data_acceptance],
         "additional_checks": [documented_server_errors_only],
     }

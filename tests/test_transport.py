@@ -11,7 +11,7 @@ import httpx
 import psutil
 import websockets
 
-from tests.harness import Stack, eventually, send
+from tests.harness import WAIT_S, Stack, eventually, send
 
 
 def server_peers(stack: Stack) -> set[int]:
@@ -66,7 +66,7 @@ async def test_request_heads_that_never_finish_get_408_and_are_closed(own_stack)
 
         dripping = asyncio.create_task(drip())
         try:
-            return await asyncio.wait_for(reader.read(), 5)  # to EOF: the server hung up
+            return await asyncio.wait_for(reader.read(), WAIT_S)  # to EOF: the server hung up
         except ConnectionResetError:
             # A peer still writing when the server closes gets a reset, which may arrive
             # before it reads the 408: the connection was closed all the same.
@@ -83,7 +83,7 @@ async def test_request_heads_that_never_finish_get_408_and_are_closed(own_stack)
         (b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: ", True),
     ]
     answers = asyncio.gather(*(partial(*heads[i % 4]) for i in range(40)))
-    async with httpx.AsyncClient(base_url=s.base, timeout=5) as http:  # meanwhile, all is well
+    async with httpx.AsyncClient(base_url=s.base, timeout=WAIT_S) as http:  # meanwhile, all is well
         assert (await http.get("/healthz")).status_code == 200
     for answer in await answers:
         if answer == RESET:
@@ -94,6 +94,6 @@ async def test_request_heads_that_never_finish_get_408_and_are_closed(own_stack)
     # A kept-alive connection: the first request is answered, the unfinished second one is not.
     reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
-    data = await asyncio.wait_for(reader.read(), 5)
+    data = await asyncio.wait_for(reader.read(), WAIT_S)
     writer.close()
     assert data.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in data

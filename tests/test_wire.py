@@ -119,7 +119,7 @@ async def test_live_ticks_arrive_in_the_wire_order(stack: Stack) -> None:
     ws, _ = await stack.client(stack.key("wire-order", ["realtime"]))
     await send(ws, op="subscribe", symbols=["AAPL"])
     for kind in wire.TICK_TYPES:
-        event = await next_event(ws, kind, timeout=10)
+        event = await next_event(ws, kind)
         assert _in_order(event, wire.TICK_FIELDS[kind]), list(event)
     await ws.close()
 
