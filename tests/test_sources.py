@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import random
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -17,7 +19,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.config import Settings
-from server.feed.sources import ADAPTERS, SessionOptions, VenueFeed, VenueRefused, symbol_map
+from server.feed.sources import (
+    ADAPTERS,
+    SessionOptions,
+    VenueFeed,
+    VenueRefused,
+    adapter,
+    symbol_map,
+)
 from server.feed.sources.adapter import ns_from_iso
 from server.feed.sources.continuity import Continuity
 from server.feed.tickerplant import Tickerplant
@@ -119,6 +128,78 @@ def test_iso_times_parse_to_the_nanosecond() -> None:
             ns_from_iso(bad)
 
 
+@pytest.mark.parametrize(
+    ("fraction", "ns"),
+    [("", 0), (".2", 200_000_000), (".208", 208_000_000), (".208123", 208_123_000),
+     (".208123456", 208_123_456), (".000000001", 1), (".000", 0), (".999999999", 999_999_999)],
+)  # fmt: skip
+def test_iso_time_fractions_of_any_length_up_to_nanoseconds(fraction, ns) -> None:
+    second = 1614009104_000_000_000  # 2021-02-22T15:51:44Z
+    assert ns_from_iso(f"2021-02-22T15:51:44{fraction}Z") == second + ns
+    assert ns_from_iso(f"2021-02-22T15:51:44{fraction}Z") == second + ns  # the second known now
+
+
+def test_iso_times_across_a_change_of_second_day_month_and_year() -> None:
+    """Each second is worked out once: the next message's may be another day."""
+    pairs = [
+        ("2021-02-22T23:59:59.999999999Z", "2021-02-23T00:00:00.000000001Z"),
+        ("2021-02-28T23:59:59.999999999Z", "2021-03-01T00:00:00.000000001Z"),
+        ("2024-02-28T23:59:59.999999999Z", "2024-02-29T00:00:00.000000001Z"),  # a leap year
+        ("2024-02-29T23:59:59.999999999Z", "2024-03-01T00:00:00.000000001Z"),
+        ("2020-12-31T23:59:59.999999999Z", "2021-01-01T00:00:00.000000001Z"),
+    ]
+    for before, after in pairs:
+        assert ns_from_iso(after) - ns_from_iso(before) == 2, (before, after)
+    assert ns_from_iso("2021-01-01T00:00:00Z") == 1609459200 * 10**9
+
+
+def test_iso_times_agree_with_the_calendar() -> None:
+    """Against ``datetime`` over 2000-2099, microsecond fractions (what datetime holds),
+    also after the cache of seconds was emptied."""
+    rng = random.Random(12)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    for i in range(3000):
+        us = rng.randrange(946684800 * 10**6, 4102444800 * 10**6)
+        when = epoch + dt.timedelta(microseconds=us)
+        text = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        want = us * 1000
+        assert ns_from_iso(text) == want, text
+        if i == 1500:
+            adapter._second_ns.clear()
+
+
+def test_a_leap_second_is_the_next_minutes_first_as_in_posix_time() -> None:
+    assert ns_from_iso("2016-12-31T23:59:60Z") == ns_from_iso("2017-01-01T00:00:00Z")
+    assert ns_from_iso("2016-12-31T23:59:60.5Z") == ns_from_iso("2017-01-01T00:00:00.5Z")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "2021-02-22T15:51:44.208+00:00",  # Alpaca, Coinbase and Kraken write UTC as Z
+        "2021-02-22T15:51:44+00:00", "2021-02-22T15:51:44.208z", "2021-02-22t15:51:44.208Z",
+        "2021-02-22T15:51:44.Z", "2021-02-22T15:51:44..208Z", "2021-02-22T15:51:44.2081234567Z",
+        "2021-02-22T15:51:44.208ZZ", "2021-02-22T15:51:44.-20Z", "2021-02-22T15:51:44. 20Z",
+        "2021-02-22T15:51:44.2_0Z", "2021-02-22T15:51:44.²Z", "2021-02-22T15:51:4",
+        "2021-02-22T15:51:4Z", "+021-02-22T15:51:44Z", "2021-0２-22T15:51:44Z", "",
+        "2021-02-29T00:00:00Z", "2021-02-30T00:00:00Z", "2021-04-31T00:00:00Z",
+        "2021-02-00T00:00:00Z", "2021-00-01T00:00:00Z", "2021-13-01T00:00:00Z",
+        "2021-02-22T24:00:00Z", "2021-02-22T12:60:00Z", "2021-02-22T12:00:61Z",
+        "0000-01-01T00:00:00Z",
+    ],
+)  # fmt: skip
+def test_odd_or_impossible_iso_times_are_refused(bad) -> None:
+    ns_from_iso("2021-02-22T15:51:44.208Z")  # the second is known: its odd forms still fail
+    with pytest.raises(ValueError):
+        ns_from_iso(bad)
+
+
+@pytest.mark.parametrize("bad", [None, 1614009104, 1.5, b"2021-02-22T15:51:44Z", ["x"], {}])
+def test_an_iso_time_that_is_not_a_string_is_refused(bad) -> None:
+    with pytest.raises(TypeError):
+        ns_from_iso(bad)
+
+
 class _Collect:
     """A sink that keeps what an adapter gave it."""
 
@@ -126,10 +207,12 @@ class _Collect:
         self.ticks: list[Trade | Quote] = []
         self.calls: list[tuple[str, str]] = []
         self.snapshots: list[bool] = []
+        self.keys: list[object] = []  # each trade's key for the duplicate check
 
     def trade(self, tick: Trade, key: object = None, snapshot: bool = False) -> None:
         self.ticks.append(tick)
         self.snapshots.append(snapshot)
+        self.keys.append(key)
 
     def quote(self, tick: Quote, update_id: int | None = None, snapshot: bool = False) -> None:
         self.ticks.append(tick)
@@ -197,6 +280,42 @@ def test_an_id_that_is_not_a_json_integer_is_malformed(kind, message, field) -> 
     )
     assert not any(getattr(t, "trade_id", 0) == tail[:digits] for t in sink.ticks)
     assert ("malformed", f"TypeError: expected an integer, got str '{tail[:digits]}'") in sink.calls
+
+
+def test_alpaca_data_points_become_ticks_and_the_rest_is_counted() -> None:
+    """One frame of several points: trades and quotes as ticks (a stock trade's replay key is
+    exchange and id, a crypto trade's its id with the taker's side), each other point counted
+    on its own without harming the rest of the frame."""
+    points = lines("alpaca/stocks_v2_data_points_docs.jsonl")
+    trade, quote, bar, status = (orjson.loads(p) for p in points)
+    no_price = {k: v for k, v in trade.items() if k != "p"}
+    frame = [trade, {**trade, "S": "MSFT"}, {**trade, "S": 7}, no_price,
+             [], quote, bar, status, {**quote, "t": "2021-02-22T15:51:45.335689322+00:00"},
+             {**trade, "t": "2021-02-22T15:51:45Z", "x": "V", "i": 96922}]  # fmt: skip
+    sink = _Collect()
+    ADAPTERS["alpaca"]({"AAPL": "AAPL", "AMD": "AMD"}, sink, {}).on_message(orjson.dumps(frame), 5)
+    assert sink.ticks == [
+        Trade("AAPL", 1614009104208000000, 126.55, 1.0, None, "ALPACA", 96921, 5),
+        Quote("AMD", 1614009105335689322, 87.66, 1.0, 87.68, 4.0, "ALPACA", 5),
+        Trade("AAPL", 1614009105000000000, 126.55, 1.0, None, "ALPACA", 96922, 5),
+    ]
+    assert sink.keys == [("D", 96921), ("V", 96922)]
+    assert [name for name, _ in sink.calls] == ["unexpected", "unexpected", "malformed",
+                                                "malformed", "unexpected", "unexpected",
+                                                "malformed"]  # fmt: skip
+    assert sink.calls[2] == ("malformed", "KeyError: 'p'")
+    crypto = {"T": "t", "S": "BTC/USD", "p": 47000.5, "s": 0.0123, "i": 5, "tks": "S",
+              "t": "2022-05-01T00:00:00.123456789Z"}  # fmt: skip
+    sink = _Collect()
+    crypto_adapter = ADAPTERS["alpaca-crypto"]({"BTC/USD": "BTC/USD"}, sink, {})
+    crypto_adapter.on_message(orjson.dumps([crypto]), 5)
+    assert sink.ticks == [Trade("BTC/USD", 1651363200123456789, 47000.5, 0.0123, "sell",
+                                "ALPACA-CRYPTO", 5, 5)]  # fmt: skip
+    assert sink.keys == [None]
+    for frame_text in ('{"T":"t"}', "[{", b"\x00"):
+        sink = _Collect()
+        ADAPTERS["alpaca"]({"AAPL": "AAPL"}, sink, {}).on_message(frame_text, 5)
+        assert [name for name, _ in sink.calls] == ["malformed"] and not sink.ticks
 
 
 def test_continuity_drops_replays_and_finds_holes_in_trade_ids() -> None:

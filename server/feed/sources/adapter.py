@@ -131,29 +131,70 @@ def side_of_aggressor(buyer_is_maker: bool) -> str:
     return "sell" if buyer_is_maker else "buy"
 
 
-_day_cache: dict[str, int] = {}
+# ns UTC of each second seen lately, by its text 'YYYY-MM-DDTHH:MM:SS.': a venue's times repeat
+# their second for many messages, so the calendar is worked out once per second and each time
+# adds only its fraction.
+_second_ns: dict[str, int] = {}
+SECONDS_KEPT = 4096
 # ns per unit of a fraction of n digits (n = 0..9)
 _FRACTION_NS: list[int] = [10**9 // 10**digits for digits in range(10)]
+_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # at most, per month
 
 
 def ns_from_iso(text: str) -> int:
-    """``2021-04-17T16:44:05.529257Z`` (any number of fraction digits, up to ns) as ns UTC.
+    """``2021-04-17T16:44:05.529257Z`` (1 to 9 fraction digits, or none) as ns UTC; anything
+    else raises ``ValueError`` (``TypeError`` for what is not a string).
 
-    Faster than ``datetime.fromisoformat`` and keeps nanoseconds (Alpaca sends them)."""
-    head = text[:19]  # YYYY-MM-DDTHH:MM:SS
-    base = _day_cache.get(head)
+    Faster than ``datetime.fromisoformat`` and keeps nanoseconds (Alpaca sends them): a time
+    whose second was seen lately is a look-up of that second and an ``int`` of the fraction."""
+    base = _second_ns.get(text[:20])
+    if base is not None and text[-1] == "Z":
+        fraction = text[20:-1]
+        if fraction.isdigit() and len(fraction) < 10:
+            return base + int(fraction) * _FRACTION_NS[len(fraction)]
+    return _ns_from_iso_checked(text)
+
+
+def _ns_from_iso_checked(text: str) -> int:
+    """``ns_from_iso`` of a second not seen lately, of a time without a fraction, or of what is
+    not a time (which raises)."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected an ISO 8601 UTC time, got {type(text).__name__}")
+    head = text[:19]
+    base = _second_ns.get(head + ".")
     if base is None:
-        if len(head) != 19 or head[10] != "T":
-            raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")
-        y, mo, d = int(head[0:4]), int(head[5:7]), int(head[8:10])
-        h, mi, s = int(head[11:13]), int(head[14:16]), int(head[17:19])
-        base = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) * 1_000_000_000
-        if len(_day_cache) > 4096:
-            _day_cache.clear()
-        _day_cache[head] = base
-    frac = text[20:-1]
-    if text[19:20] == "." and text[-1:] == "Z" and frac.isdigit() and len(frac) <= 9:
-        return base + int(frac) * _FRACTION_NS[len(frac)]
-    if text[19:] in ("Z", ""):
+        base = _second_of(head, text)
+        if len(_second_ns) >= SECONDS_KEPT:
+            _second_ns.clear()
+        _second_ns[head + "."] = base
+    rest = text[19:]
+    if rest == "Z" or rest == "":
         return base
+    fraction = rest[1:-1]
+    if rest[0] == "." and rest[-1] == "Z" and 0 < len(fraction) < 10 and fraction.isdigit():
+        return base + int(fraction) * _FRACTION_NS[len(fraction)]
     raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")
+
+
+def _second_of(head: str, text: str) -> int:
+    """ns UTC of 'YYYY-MM-DDTHH:MM:SS'. A leap second (``:60``) is the next minute's first, as
+    in POSIX time; a day, hour or minute that does not exist raises ``ValueError``."""
+    if (
+        len(head) != 19
+        or not head.isascii()
+        or head[4] + head[7] + head[10] + head[13] + head[16] != "--T::"
+        or not (head[:4] + head[5:7] + head[8:10] + head[11:13] + head[14:16] + head[17:]).isdigit()
+    ):
+        raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")
+    y, mo, d = int(head[0:4]), int(head[5:7]), int(head[8:10])
+    h, mi, s = int(head[11:13]), int(head[14:16]), int(head[17:19])
+    if not (
+        1 <= mo <= 12
+        and 1 <= d <= _DAYS[mo - 1]
+        and (mo != 2 or d < 29 or calendar.isleap(y))
+        and h < 24
+        and mi < 60
+        and s <= 60
+    ):
+        raise ValueError(f"not a time that exists: {text[:40]!r}")
+    return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) * 1_000_000_000

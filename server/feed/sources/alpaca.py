@@ -12,7 +12,6 @@ inferred from them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import ClassVar
 
 import orjson
@@ -30,6 +29,9 @@ class AlpacaStocks(Adapter):
     venue: ClassVar[str] = "ALPACA"
     default_url: ClassVar[str] = "wss://stream.data.alpaca.markets/v2/iex"
     consecutive_trade_ids: ClassVar[bool] = False
+    # What tells a trade from a replay: on SIP a stock trade's id is unique per exchange (``x``),
+    # so the key is (exchange, id).
+    ids_per_exchange: ClassVar[bool] = True
 
     def hello(self) -> list[str]:
         return []  # the venue speaks first ("connected")
@@ -47,43 +49,42 @@ class AlpacaStocks(Adapter):
         sink = self.sink
         try:
             points = orjson.loads(raw)
-            if not isinstance(points, list):
-                sink.malformed("not a JSON array of data points")
-                return
         except orjson.JSONDecodeError as exc:
             sink.malformed(f"JSONDecodeError: {str(exc)[:120]}")
             return
+        if not isinstance(points, list):
+            sink.malformed("not a JSON array of data points")
+            return
+        # Trades and quotes, nearly every point, are read here in the loop (no call per point
+        # but the sink's); the rest in _point.
+        names, venue, by_exchange = self.names, self.venue, self.ids_per_exchange
+        trade, quote = sink.trade, sink.quote
         for p in points:
             try:
-                self._point(p, recv_ns)
+                kind = p["T"]
+                if kind == "t" or kind == "q":
+                    venue_sym = p["S"]
+                    sym = names.get(venue_sym) if type(venue_sym) is str else None
+                    if sym is None:
+                        self.symbol(venue_sym, "trade" if kind == "t" else "quote")
+                    elif kind == "t":
+                        taker = p.get("tks")  # crypto only
+                        tick = Trade(sym, ns_from_iso(p["t"]), float(p["p"]), float(p["s"]),
+                                     None if taker is None else _TAKER.get(str(taker)), venue,
+                                     venue_int(p["i"]), recv_ns)  # fmt: skip
+                        trade(tick, (p.get("x"), tick.trade_id) if by_exchange else None)
+                    else:
+                        quote(Quote(sym, ns_from_iso(p["t"]), float(p["bp"]), float(p["bs"]),
+                                    float(p["ap"]), float(p["as"]), venue, recv_ns))  # fmt: skip
+                else:
+                    self._point(p, kind)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
 
-    def trade_key(self, p: dict[str, object], trade_id: int | None) -> Hashable:
-        """What tells a stock trade from a replay: on SIP its id is unique per exchange."""
-        return (p.get("x"), trade_id)
-
-    def _point(self, p: dict[str, object], recv_ns: int) -> None:
+    def _point(self, p: dict[str, object], kind: object) -> None:
+        """A data point other than a trade or quote: the session's steps, errors, the rest."""
         sink = self.sink
-        kind = p["T"]
-        if kind == "t":
-            sym = self.symbol(p["S"], "trade")
-            if sym is None:
-                return
-            taker = p.get("tks")  # crypto only
-            tick = Trade(sym, ns_from_iso(str(p["t"])), float(p["p"]), float(p["s"]),  # type: ignore[arg-type]
-                         None if taker is None else _TAKER.get(str(taker)), self.venue,
-                         venue_int(p["i"]), recv_ns)  # fmt: skip
-            sink.trade(tick, self.trade_key(p, tick.trade_id))
-        elif kind == "q":
-            sym = self.symbol(p["S"], "quote")
-            if sym is None:
-                return
-            sink.quote(
-                Quote(sym, ns_from_iso(str(p["t"])), float(p["bp"]), float(p["bs"]),  # type: ignore[arg-type]
-                      float(p["ap"]), float(p["as"]), self.venue, recv_ns)  # type: ignore[arg-type]
-            )  # fmt: skip
-        elif kind == "success":
+        if kind == "success":
             if p.get("msg") == "connected":
                 sink.reply(self._auth())
             elif p.get("msg") == "authenticated":
@@ -121,5 +122,4 @@ class AlpacaCrypto(AlpacaStocks):
     venue: ClassVar[str] = "ALPACA-CRYPTO"
     default_url: ClassVar[str] = "wss://stream.data.alpaca.markets/v1beta3/crypto/us"
 
-    def trade_key(self, p: dict[str, object], trade_id: int | None) -> Hashable:
-        return None  # one venue: the id alone
+    ids_per_exchange: ClassVar[bool] = False  # one venue: the id alone tells a replay

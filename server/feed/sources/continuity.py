@@ -31,16 +31,19 @@ class UpstreamGap:
         return self.last - self.first + 1
 
 
+_PUBLISH: tuple[bool, None] = (True, None)
+_DROP: tuple[bool, None] = (False, None)
+
+
 class Continuity:
     """What has been published per symbol, to judge the next trade or quote."""
 
     def __init__(self, consecutive_trade_ids: bool) -> None:
         self.consecutive = consecutive_trade_ids
         self.last_trade: dict[str, int] = {}
-        # Where ids are not consecutive: the recent trades' keys in arrival order, and the same
-        # as a set.
-        self.recent: dict[str, collections.deque[Hashable]] = {}
-        self.seen: dict[str, set[Hashable]] = {}
+        # Where ids are not consecutive, per symbol: the recent trades' keys as a set, and the
+        # same in arrival order (the oldest is forgotten first).
+        self.recent: dict[str, tuple[set[Hashable], collections.deque[Hashable]]] = {}
         self.last_update: dict[str, int] = {}
         self.last_quote: dict[str, tuple[object, ...]] = {}
         self.duplicates = 0
@@ -52,31 +55,30 @@ class Continuity:
         trades apart where ids are not consecutive, when the id alone does not (Alpaca's SIP:
         exchange and id)."""
         if trade_id is None:
-            return True, None
+            return _PUBLISH
         if not self.consecutive:
+            recent = self.recent.get(sym)
+            if recent is None:
+                recent = self.recent[sym] = (set(), collections.deque())
+            seen, order = recent
             if key is None:
                 key = trade_id
-            seen = self.seen.get(sym)
-            if seen is None:
-                seen = self.seen[sym] = set()
-                self.recent[sym] = collections.deque()
             if key in seen:
                 self.duplicates += 1
-                return False, None
+                return _DROP
             seen.add(key)
-            order = self.recent[sym]
             order.append(key)
             if len(order) > RECENT_IDS:
                 seen.discard(order.popleft())
-            return True, None
+            return _PUBLISH
         last = self.last_trade.get(sym)
         if last is not None and trade_id <= last:
             self.duplicates += 1
-            return False, None
+            return _DROP
         self.last_trade[sym] = trade_id
         if last is not None and trade_id > last + 1:
             return True, UpstreamGap(sym, last + 1, trade_id - 1, now_ns)
-        return True, None
+        return _PUBLISH
 
     def seed(self, trade: dict[str, object] | None, quote: dict[str, object] | None) -> None:
         """Go on after what an earlier run published (its latest trade and quote events of one

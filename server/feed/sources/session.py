@@ -121,9 +121,9 @@ class VenueFeed:
         self._latency: collections.deque[tuple[int, list[int]]] = collections.deque(
             maxlen=LATENCY_WINDOW_S
         )
-        # The samples of the second being filled, and where that second ends (ns).
+        # The samples of the second being filled, and where that second starts and ends (ns).
         self._samples: list[int] = []
-        self._second_ends = 0
+        self._second_starts = self._second_ends = 0
         self._max_pending = self.options.max_pending
 
     def describe(self) -> str:
@@ -204,18 +204,24 @@ class VenueFeed:
         self.ticks += 1
         recv = tick.recv_ts
         # No venue time, or a snapshot of what happened before subscribing: no latency to learn.
-        if recv is None or recv == tick.ts or snapshot:
+        if recv is None or snapshot:
             return
-        samples = self._samples
-        if recv >= self._second_ends or recv < self._second_ends - 1_000_000_000:
+        latency = recv - tick.ts
+        if not latency:
+            return
+        # The usual tick: received within the second being filled.
+        if self._second_starts <= recv < self._second_ends:
+            samples = self._samples
+        else:
             second = recv // 1_000_000_000
             bins = self._latency
             if not bins or bins[-1][0] != second:
                 bins.append((second, []))
             samples = self._samples = bins[-1][1]
-            self._second_ends = (second + 1) * 1_000_000_000
+            self._second_starts = second * 1_000_000_000
+            self._second_ends = self._second_starts + 1_000_000_000
         if len(samples) < LATENCY_SAMPLES_PER_S:
-            samples.append(recv - tick.ts)
+            samples.append(latency)
 
     def subscribed(self, what: str) -> None:
         self.adapter.ready = True
