@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import signal
 import subprocess
 import sys
 import time
@@ -506,6 +507,49 @@ async def test_calls_appear_in_the_query_history_with_the_tool_name(
     ]
     assert orjson.loads(queries[1]["params"])["interval"] == "5m"
     assert queries[0]["rows"] == 1 and queries[1]["bytes"] > 0
+
+
+async def test_stdio_told_to_stop_right_after_a_call_keeps_the_call_in_the_query_history(
+    stack: Stack,
+) -> None:
+    """A host ends a stdio session by closing stdin and sends SIGTERM when the process is not
+    gone 2 s later (the SDK's client; a busy machine gets there): the call just answered is in
+    /queries all the same, and the process exits cleanly."""
+    key = new_key(stack)
+    admin = new_key(stack, ("admin",))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "mcp"],
+        env={**stack.env, "TICKPIPE_KEY": key},
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def ask(message: dict[str, Any]) -> dict[str, Any] | None:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(orjson.dumps({"jsonrpc": "2.0", **message}) + b"\n")
+        proc.stdin.flush()
+        return orjson.loads(proc.stdout.readline()) if "id" in message else None
+
+    try:
+        hello = {"name": "t", "version": "1"}
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": hello}
+        assert "result" in await asyncio.to_thread(
+            ask, {"id": 1, "method": "initialize", "params": init}
+        )
+        await asyncio.to_thread(ask, {"method": "notifications/initialized"})
+        call = {"name": "latest_ticks", "arguments": {"symbols": ["AAPL"]}}
+        reply = await asyncio.to_thread(ask, {"id": 2, "method": "tools/call", "params": call})
+        assert reply is not None and reply["result"]["isError"] is False
+        proc.send_signal(signal.SIGTERM)  # at once: stdin still open
+        assert await asyncio.to_thread(proc.wait, WAIT_S) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    r = await rest(stack, admin, "/queries", key=key_name(stack, key))
+    assert [q["endpoint"] for q in r.json()["queries"]] == ["mcp:latest_ticks"]
 
 
 # -- the example agent --

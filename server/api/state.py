@@ -64,11 +64,13 @@ def open_state(settings: Settings) -> AppState:
 
 
 async def close_state(st: AppState) -> None:
-    """Stop the hub, close Redis and the key file, store the query history still in memory."""
+    """Store the query history still in memory (first: a process told to stop may not get to
+    the end), stop the hub, close Redis and the key file."""
+    await st.queries.flush()
     await st.hub.stop()
     await st.redis.aclose()
     if isinstance(st.redis, Redis):
         await st.redis.connection_pool.disconnect()
     st.keys.close()
-    await st.queries.flush()
+    await st.queries.flush()  # what came in meanwhile
     st.queries.close()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import sys
 from typing import Any
 
@@ -64,6 +66,13 @@ async def _housekeeping(st: AppState) -> None:
         await st.hub.sweep()
 
 
+async def _exit_now(st: AppState) -> None:
+    """Store what the query history holds in memory, then end the process (exit status 0)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(st.queries.flush(), 10)
+    os._exit(0)
+
+
 async def run_stdio(settings: Settings) -> int:
     """Serve MCP on stdin/stdout until the host closes it; 2 if the key is missing or invalid."""
     secret = settings.key
@@ -83,10 +92,18 @@ async def run_stdio(settings: Settings) -> int:
         asyncio.create_task(service.enforce(lambda _connection: False)),
         asyncio.create_task(_housekeeping(st)),
     ]
+    # The host closes stdin to end the session and sends SIGTERM when the process is not gone
+    # soon after (the SDK's client: 2 s). The read of stdin blocks a thread that nothing can
+    # interrupt, so on a signal store the query history (the calls just made) and exit at once.
+    stopping: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(loop.create_task(_exit_now(st))))
     try:
         async with stdio_server() as (read, write):
             await service.server.run(read, write, service.server.create_initialization_options())
     finally:
+        await st.queries.flush()
         for task in tasks:
             task.cancel()
         for task in tasks:
