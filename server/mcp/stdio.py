@@ -103,7 +103,6 @@ async def run_stdio(settings: Settings) -> int:
         async with stdio_server() as (read, write):
             await service.server.run(read, write, service.server.create_initialization_options())
     finally:
-        await st.queries.flush()
         for task in tasks:
             task.cancel()
         for task in tasks:
