@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import orjson
 import pytest
@@ -93,6 +94,43 @@ def test_running_feed_reports_its_figures_in_redis(stack: Stack) -> None:
     assert fig[b"state"] == b"running"
     assert int(fig[b"published"]) > 0
     assert orjson.loads(fig[b"rejected"]) == {}
+
+
+def test_heartbeat_hashes_are_written_with_their_expiry_in_one_transaction(stack: Stack) -> None:
+    """A reader never sees a feed's or web process's figures without their TTL, and a process
+    that dies between the two writes leaves none behind for ever (a full-suite run once read
+    the feed's hash between its HSET and its EXPIRE)."""
+    r = redis.Redis.from_url(stack.redis.url)
+    seen: list[list[str]] = []  # per figures hash written: what its client sent with it
+    try:
+        with r.monitor() as m:
+            blocks: dict[tuple[str, str], list[str]] = {}  # per client, inside MULTI..EXEC
+            deadline = time.monotonic() + 2.5  # the feed and web write theirs every second
+            for event in m.listen():
+                client = (event.get("client_address", ""), event.get("client_port", ""))
+                command = event["command"].split()
+                name = command[0].upper()
+                if name == "MULTI":
+                    blocks[client] = []
+                elif name == "EXEC":
+                    seen.append(blocks.pop(client, ["EXEC without MULTI"]))
+                elif name in ("HSET", "EXPIRE") and command[1].startswith(
+                    ("tp:feed:", "tp:{ops}:web:")
+                ):
+                    if client in blocks:
+                        blocks[client].append(f"{name} {command[1]}")
+                    else:
+                        seen.append([f"{name} {command[1]} outside a transaction"])
+                if time.monotonic() > deadline:
+                    break
+    finally:
+        r.close()
+    feeds = [b for b in seen if any("tp:feed:sim" in c for c in b)]
+    webs = [b for b in seen if any("tp:{ops}:web:" in c for c in b)]
+    assert feeds and webs, seen
+    for block in feeds + webs:
+        assert [c.split()[0] for c in block] == ["HSET", "EXPIRE"], block
+        assert len({c.split()[1] for c in block}) == 1, block
 
 
 class ReplyEater:

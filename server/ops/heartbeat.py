@@ -178,10 +178,17 @@ def _web_value(v: str) -> Any:
 # Writing: each process its own, every second -------------------------------------------------
 
 
+async def _write_figures(redis: RedisClient, key: str, mapping: dict[FieldT, EncodableT]) -> None:
+    """A heartbeat hash and its expiry in one transaction: never seen, nor left behind by a
+    process that died between the two, without its TTL."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, FIGURES_TTL_S)
+        await pipe.execute()
+
+
 async def publish_feed(redis: RedisClient, name: str, beat: FeedBeat) -> None:
-    key = FEED_KEY_PREFIX + name
-    await redis.hset(key, mapping=beat.mapping())
-    await redis.expire(key, FIGURES_TTL_S)
+    await _write_figures(redis, FEED_KEY_PREFIX + name, beat.mapping())
     await redis.zadd(PROCS_KEY, {"feed:" + name: time.time()})
     if beat.source:  # kept after the feed stops: every web process lists the same sources
         await redis.hset(SOURCES_KEY, name, orjson.dumps(beat.source))
@@ -202,15 +209,12 @@ async def current_feeds(redis: RedisClient) -> dict[str, FeedBeat]:
 
 
 async def publish_recorder(redis: RedisClient, beat: RecorderBeat) -> None:
-    await redis.hset(RECORDER_KEY, mapping=beat.mapping())
-    await redis.expire(RECORDER_KEY, FIGURES_TTL_S)
+    await _write_figures(redis, RECORDER_KEY, beat.mapping())
 
 
 async def publish_web(redis: RedisClient, web_id: str, beat: WebBeat) -> None:
-    key = WEB_KEY_PREFIX + web_id
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(key, mapping=beat.mapping())
-        pipe.expire(key, FIGURES_TTL_S)
+    await _write_figures(redis, WEB_KEY_PREFIX + web_id, beat.mapping())
+    async with redis.pipeline(transaction=False) as pipe:  # another slot than the hash's
         pipe.zadd(PROCS_KEY, {"web:" + web_id: time.time()})
         pipe.zremrangebyscore(PROCS_KEY, 0, time.time() - FORGET_AFTER_S)
         await pipe.execute()
