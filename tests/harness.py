@@ -27,6 +27,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from server.auth import KeyStore
+from tests import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -95,23 +96,28 @@ class RedisProcess:
 
 
 class Proc:
-    """A tickpipe process (``python -m server.cli ...``) with its output in a log file."""
+    """A tickpipe process (``python -m server.cli ...``) with its output in a log file, forked
+    from the worker's fork server (``tests.forkserver``; ``TICKPIPE_TEST_SPAWN=exec``: run
+    with ``python -m server.cli``)."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.args = args
         self.env = env
         self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | forkserver.Child | None = None
 
     def start(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", *self.args],
-            env=self.env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        if not forkserver.exec_only():
+            self.proc = forkserver.start(self.args, self.env, self.log)
+            return
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", *self.args],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None:
@@ -276,14 +282,8 @@ class Stack:
         return secret
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "server.cli", *args],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=90,  # the CLI imports Polars and DuckDB: tens of seconds on a loaded machine
-        )
+        # A loaded machine can take tens of seconds (importing Polars and DuckDB when exec'd).
+        return forkserver.run(list(args), self.env, timeout=90)
 
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base, timeout=WAIT_S)

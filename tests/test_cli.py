@@ -10,14 +10,14 @@ from __future__ import annotations
 import gzip
 import io
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from server.history.importers import FORMATS
-from tests.harness import ROOT, free_port
+from tests import forkserver
+from tests.harness import free_port
 
 TRADES = "exchange,symbol,timestamp,local_timestamp,id,side,price,amount\n" + "".join(
     f"binance,BTCUSDT,17000000000{i:05d},17000000000{i:05d},{i},buy,37000.5,0.01\n"
@@ -32,14 +32,7 @@ def tickpipe(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[s
         "TICKPIPE_DATA_DIR": str(tmp / "data"),
         "TICKPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
-        cwd=ROOT,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=90,  # imports Polars and DuckDB first: slow on a busy machine
-    )
+    return forkserver.run(list(args), {**base, **env}, timeout=90)
 
 
 def _zip(text: str) -> bytes:

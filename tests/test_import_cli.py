@@ -9,6 +9,7 @@ import zipfile
 
 import duckdb
 
+from tests import forkserver
 from tests.harness import ROOT
 
 TARDIS_TRADES = (
@@ -21,14 +22,8 @@ TARDIS_TRADES = (
 
 
 def run_import(data_dir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", "import", *args],
-        cwd=ROOT,
-        env={"TICKPIPE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {"TICKPIPE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"}
+    return forkserver.run(["import", *args], env, timeout=60)
 
 
 def test_import_stores_ticks_once_and_reports_counts_and_rejects(tmp_path) -> None:
