@@ -45,33 +45,41 @@ class Kraken(Adapter):
         ]  # fmt: skip
 
     def on_message(self, raw: str | bytes, recv_ns: int) -> None:
-        sink = self.sink
+        sink, names, venue = self.sink, self.names, self.venue
         try:
             msg = orjson.loads(raw)
             channel = msg.get("channel")
             snapshot = msg.get("type") == "snapshot"  # what was there before subscribing
+            # Trades and quotes, nearly every message, are read here in the loop (a symbol
+            # this source did not subscribe is counted by ``symbol``).
             if channel == "trade":
+                trade = sink.trade
                 for t in msg["data"]:
-                    sym = self.symbol(t["symbol"], "trade")
+                    venue_sym = t["symbol"]
+                    sym = names.get(venue_sym) if type(venue_sym) is str else None
                     if sym is None:
+                        self.symbol(venue_sym, "trade")
                         continue
                     side = t["side"]
-                    sink.trade(
+                    trade(
                         Trade(sym, ns_from_iso(t["timestamp"]), float(t["price"]),
-                              float(t["qty"]), side if side in ("buy", "sell") else None,
-                              self.venue, venue_int(t["trade_id"]), recv_ns),
+                              float(t["qty"]), side if side == "buy" or side == "sell" else None,
+                              venue, venue_int(t["trade_id"]), recv_ns),
                         snapshot=snapshot,
                     )  # fmt: skip
             elif channel == "ticker":
+                quote = sink.quote
                 for q in msg["data"]:
-                    sym = self.symbol(q["symbol"], "ticker")
+                    venue_sym = q["symbol"]
+                    sym = names.get(venue_sym) if type(venue_sym) is str else None
                     if sym is None:
+                        self.symbol(venue_sym, "ticker")
                         continue
                     ts = q.get("timestamp")
-                    sink.quote(
+                    quote(
                         Quote(sym, ns_from_iso(ts) if ts else recv_ns, float(q["bid"]),
                               float(q["bid_qty"]), float(q["ask"]), float(q["ask_qty"]),
-                              self.venue, recv_ns),
+                              venue, recv_ns),
                         snapshot=snapshot,
                     )  # fmt: skip
             elif channel in ("heartbeat", "status"):
