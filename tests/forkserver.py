@@ -302,7 +302,9 @@ def _become(request: dict[str, Any]) -> list[str]:
     os.environ.clear()
     os.environ.update(request["env"])
     import server.cli
+    from server.config import get_settings
 
+    get_settings.cache_clear()  # settings come from this environment, never the server's
     sys.argv = [CLI, *request["args"]]
     sys.modules["__main__"] = server.cli  # as with -m (multiprocessing's spawn reads it)
     time.tzset()
