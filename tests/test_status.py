@@ -99,7 +99,11 @@ async def test_status_with_admin_key_judges_every_part(stack: Stack, admin: str)
         assert part["state"] in STATES and part["reason"], part
         assert set(part) == {"id", "kind", "state", "reason", "figures"}
     redis_part = _part(body, "redis")
-    assert redis_part is not None and redis_part["state"] == "up"
+    assert redis_part is not None
+    # Up; or degraded when a loaded machine made this process's PING slower than REDIS_SLOW_MS.
+    assert redis_part["state"] == "up" or (
+        redis_part["state"] == "degraded" and redis_part["reason"].startswith("slow: PING")
+    ), redis_part
     assert redis_part["figures"]["latency_ms"] >= 0 and redis_part["figures"]["used_memory_bytes"]
     feed = _part(body, "feed:sim")
     assert feed is not None and feed["figures"]["rate"] > 0 and feed["figures"]["published"] > 0
@@ -271,7 +275,11 @@ async def test_metrics_are_prometheus_text_for_admin_keys_only(
         (s.labels["service"], s.labels["state"]): s.value
         for s in families["tickpipe_service_state"].samples
     }
-    assert states[("redis", "up")] == 1.0 and states[("redis", "down")] == 0.0
+    # One state per service is 1: Redis runs, so up, or degraded when a loaded machine made its
+    # PING slower than REDIS_SLOW_MS (a full-suite run saw that); never down.
+    redis_states = {state: v for (service, state), v in states.items() if service == "redis"}
+    assert sum(redis_states.values()) == 1.0, redis_states
+    assert redis_states["up"] + redis_states["degraded"] == 1.0, redis_states
     assert states[("recorder", "down")] == 1.0
     rate = families["tickpipe_feed_ticks_per_second"].samples[0]
     assert rate.labels == {"feed": "sim"} and rate.value > 0
