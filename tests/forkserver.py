@@ -104,17 +104,22 @@ class ForkServer:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            msg = orjson.loads(line)
-            with self._changed:
-                if "exit" in msg:
-                    self._exits[msg["exit"]] = msg["code"]
-                else:
-                    self._replies[msg["id"]] = msg
+        try:
+            for line in self.proc.stdout:
+                msg = orjson.loads(line)
+                with self._changed:
+                    if "exit" in msg:
+                        self._exits[msg["exit"]] = msg["code"]
+                    else:
+                        self._replies[msg["id"]] = msg
+                        # A new child: an earlier one's exit under the same (reused) pid, always
+                        # reported before this reply, is not its exit.
+                        self._exits.pop(msg.get("pid", -1), None)
+                    self._changed.notify_all()
+        finally:
+            with self._changed:  # the server is gone (or spoke nonsense): nobody waits for ever
+                self._replies[-1] = {"error": "the fork server exited"}
                 self._changed.notify_all()
-        with self._changed:  # the server is gone: nobody waits for ever
-            self._replies[-1] = {"error": "the fork server exited"}
-            self._changed.notify_all()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -139,6 +144,8 @@ class ForkServer:
         with self._changed:
             self._changed.wait_for(lambda: rid in self._replies or -1 in self._replies, 60)
             reply = self._replies.pop(rid, None) or self._replies.get(-1)
+        if reply is None:  # no answer in 60 s: the server and what it may still start go
+            self.proc.kill()
         if reply is None or "pid" not in reply:
             raise RuntimeError(f"the fork server could not start {args}: {reply}")
         return Child(self, reply["pid"], args)
@@ -150,6 +157,8 @@ class ForkServer:
     def wait_exit(self, pid: int, timeout: float | None) -> int | None:
         with self._changed:
             self._changed.wait_for(lambda: pid in self._exits or -1 in self._replies, timeout)
+            if pid not in self._exits and -1 in self._replies:
+                raise RuntimeError(f"the fork server exited; the fate of process {pid} is unknown")
             return self._exits.get(pid)
 
 
@@ -208,9 +217,31 @@ def run(
 # -- the server side -------------------------------------------------------------------------
 
 
+# Threads a process has once it imported Polars (jemalloc's background threads, Polars' spill
+# cleaner): harmless across a fork. Any other (Polars' worker pool, started by a computation)
+# could hold a lock a child then waits on for ever: the server refuses to fork.
+FORK_SAFE_THREADS = {"jemalloc_bg_thd", "polars-ooc-clea"}
+
+
+def _unsafe_threads() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != os.getpid():
+            with contextlib.suppress(OSError):
+                names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return [n for n in names if n not in FORK_SAFE_THREADS]
+
+
 def _serve() -> dict[str, Any] | None:
     """Answer requests until stdin closes; returns, in a forked child, the request it runs."""
-    import server.app
+    # The events go out on their own descriptor; what an import may print goes to stderr.
+    events = os.dup(1)
+    os.dup2(2, 1)
+
+    def say(msg: dict[str, Any]) -> None:
+        os.write(events, orjson.dumps(msg) + b"\n")
+
+    import server.app  # what the processes import: once, here
     import server.cli
     import server.feed.sources
     import server.feed.tickerplant
@@ -218,14 +249,14 @@ def _serve() -> dict[str, Any] | None:
     import server.history.importers
     import server.history.recorder  # noqa: F401
 
-    requests, events = sys.stdin.buffer, sys.stdout.buffer
+    requests = sys.stdin.buffer.fileno()
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno())
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector through the fd
     sel = selectors.DefaultSelector()
-    sel.register(requests.fileno(), selectors.EVENT_READ)
+    sel.register(requests, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
     children: set[int] = set()
     pending = b""
@@ -239,45 +270,53 @@ def _serve() -> dict[str, Any] | None:
             if pid == 0:
                 return
             children.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-            events.write(orjson.dumps({"exit": pid, "code": code}) + b"\n")
-            events.flush()
+            say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
-    while True:
-        for key, _ in sel.select():
-            if key.fileobj is wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    while wake_r.recv(4096):
-                        pass
-                reap()
-                continue
-            chunk = os.read(requests.fileno(), 1 << 16)
-            if not chunk:  # the pytest worker is gone: so are its processes
-                for pid in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                os._exit(0)
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                request = orjson.loads(line)
-                try:
-                    pid = os.fork()
-                except OSError as exc:
-                    events.write(orjson.dumps({"id": request["id"], "error": str(exc)}) + b"\n")
-                    events.flush()
+    def kill_children() -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.fileobj is wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        while wake_r.recv(4096):
+                            pass
+                    reap()
                     continue
-                if pid == 0:
-                    sel.close()
-                    signal.set_wakeup_fd(-1)
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    wake_r.close()
-                    wake_w.close()
-                    return request
-                children.add(pid)
-                events.write(orjson.dumps({"id": request["id"], "pid": pid}) + b"\n")
-                events.flush()
-        reap()
+                chunk = os.read(requests, 1 << 16)
+                if not chunk:  # the pytest worker is gone: so are its processes
+                    kill_children()
+                    os._exit(0)
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    request = orjson.loads(line)
+                    if unsafe := _unsafe_threads():
+                        why = f"threads {unsafe} running: not forking (TICKPIPE_TEST_SPAWN=exec)"
+                        say({"id": request["id"], "error": why})
+                        continue
+                    try:
+                        pid = os.fork()
+                    except OSError as exc:
+                        say({"id": request["id"], "error": str(exc)})
+                        continue
+                    if pid == 0:
+                        sel.close()
+                        signal.set_wakeup_fd(-1)
+                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                        wake_r.close()
+                        wake_w.close()
+                        os.close(events)
+                        return request
+                    children.add(pid)
+                    say({"id": request["id"], "pid": pid})
+            reap()
+    except BaseException:  # the server fails: its children do not outlive it
+        kill_children()
+        raise
 
 
 def _become(request: dict[str, Any]) -> list[str]:
