@@ -14,16 +14,20 @@ stream is then read as fast as the process goes through the source's real path: 
 parser and normalisation and the session's continuity checks and latency window, in the
 source's task, while the tickerplant's own loop (default settings: a batch every 10 ms)
 screens and publishes atomically into a real redis-server, as in ``tickpipe feed --source``.
-Only the WebSocket read is left out: it is the ``websockets`` library's, the same for every
-source. The reader stays at most 20,000 ticks ahead of the publish, as a socket's backpressure
-would keep it (the session itself drops ticks past 200,000 waiting, reporting them as gaps).
+The WebSocket read is left out of that run (the reader stays at most 20,000 ticks ahead of
+the publish, as a socket's backpressure would keep it); a third run puts it back: the whole feed
+process as ``tickpipe feed --source`` runs it (the session connects to a local venue,
+``tests.venues.FakeVenue`` in a process of its own, subscribes as against the venue, and reads
+the same stream, sent as pre-built WebSocket frames as fast as the socket takes them, through
+the ``websockets`` client), from the first stream message sent to the last tick published.
 
-Each source runs ``--repeat`` times (3); the fastest run is reported, the one least disturbed
-by whatever else the machine runs. Reported per source: messages/s and ticks/s (wall clock,
-first message read to last tick published), messages per CPU second of the feed process (its
-user + system time: what one core of its own would sustain; a shared machine gives it less), its
-CPU µs per message with and without the publish (the same stream parsed only, no Redis), and
-Redis' CPU per message; with the machine, its load average and how busy it was before each run.
+Each source runs ``--repeat`` times (3); the fastest run of each kind is reported, the one
+least disturbed by whatever else the machine runs. Reported per source: messages/s and ticks/s
+(wall clock, first message read to last tick published) without and with the WebSocket read,
+messages per CPU second of the feed process (its user + system time: what one core of its own
+would sustain; a shared machine gives it less), its CPU µs per message with the read, without it,
+and parsed only (no Redis), and Redis' CPU per message; with the machine, its load average and
+how busy it was before each run.
 Prints a table and writes ``bench/results/sources-<date>.md``.
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -53,7 +58,7 @@ from server.feed.sources import ADAPTERS, VenueFeed  # noqa: E402
 from server.feed.sources.adapter import Adapter  # noqa: E402
 from server.feed.tickerplant import Tickerplant, settle_heap  # noqa: E402
 from tests.harness import RedisProcess  # noqa: E402
-from tests.venues import lines  # noqa: E402
+from tests.venues import FakeVenue, lines  # noqa: E402
 
 TARGET = 100_000
 CHUNK = 100  # messages read between two turns of the event loop
@@ -133,6 +138,10 @@ def kraken(n: int) -> tuple[list[str], dict[str, str]]:
 
     def renumber(msg: dict[str, Any], ids: Ids) -> dict[str, Any]:
         d = dict(msg)
+        # The captured messages are each channel's snapshot; what follows a snapshot on the
+        # venue is updates of the same shape (type "update").
+        if ids(d["channel"], "round", 0):
+            d["type"] = "update"
         if d["channel"] == "trade":
             d["data"] = [
                 {**t, "trade_id": ids(t["symbol"], "trade_id", t["trade_id"])} for t in d["data"]
@@ -213,6 +222,77 @@ async def parse_only(kind: str, messages: list[str], names: dict[str, str]) -> d
     return {"ticks": ticks, "wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0}
 
 
+def frames(messages: list[str]) -> bytes:
+    """The messages as a venue's server sends them: unmasked WebSocket text frames."""
+    out = bytearray()
+    for text in messages:
+        data = text.encode()
+        n = len(data)
+        if n < 126:
+            out += bytes((0x81, n))
+        elif n < 65536:
+            out += bytes((0x81, 126)) + n.to_bytes(2, "big")
+        else:
+            out += bytes((0x81, 127)) + n.to_bytes(8, "big")
+        out += data
+    return bytes(out)
+
+
+def _venue(kind: str, stream: bytes, pipe: Any) -> None:
+    """The venue's process: a ``FakeVenue`` that subscribes the feed as the venue does, then on
+    "go" writes the whole stream to the subscribed connection, as fast as the socket takes it."""
+
+    async def main() -> None:
+        venue = await FakeVenue(kind).start()
+        pipe.send(venue.url)
+        await venue.subscribed(1)
+        pipe.send("subscribed")
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+        for conn in venue.conns:
+            if conn.ready:
+                conn.ws.transport.write(stream)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def measure_read(
+    kind: str, stream: bytes, names: dict[str, str], url: str, messages: int, ticks: int
+) -> dict[str, float]:
+    """The whole feed process: the session reads the stream from a local venue's WebSocket,
+    the tickerplant publishes into the Redis at ``url``, until every tick is published."""
+    ctx = multiprocessing.get_context("spawn")
+    pipe, child_end = ctx.Pipe()
+    venue = ctx.Process(target=_venue, args=(kind, stream, child_end), daemon=True)
+    venue.start()
+    try:
+        loop = asyncio.get_running_loop()
+        venue_url = await loop.run_in_executor(None, pipe.recv)
+        feed = VenueFeed(_adapter(kind), names, url=venue_url,
+                         secrets={"key_id": "", "secret_key": ""})  # fmt: skip
+        plant = Tickerplant(Settings(redis_url=url), feed)
+        settle_heap()
+        run = asyncio.create_task(plant.run())
+        assert await loop.run_in_executor(None, pipe.recv) == "subscribed"
+        read0 = feed.messages
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        pipe.send("go")
+        # (a tick dropped because too many waited for Redis would never be published)
+        while plant.published < ticks and not run.done() and not feed.dropped:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        plant.stop()
+        await run
+        read = feed.messages - read0
+    finally:
+        venue.kill()
+        venue.join()
+    assert plant.published == ticks and not plant.rejected, (kind, plant.published, ticks)
+    assert read >= messages and feed.dropped == 0, (read, messages, feed.figures())
+    assert feed.malformed_count == 0 and feed.upstream_gaps == 0, feed.figures()
+    return {"messages": messages, "ticks": ticks, "wall": wall, "cpu": cpu}
+
+
 async def measure(
     kind: str, messages: list[str], names: dict[str, str], url: str, ticks: int
 ) -> dict[str, float]:
@@ -250,7 +330,9 @@ def main() -> int:
         r = redis.Redis.from_url(rp.url)
         try:
             for kind, (messages, names) in data.items():
+                stream = frames(messages)
                 best: tuple[Any, ...] | None = None
+                best_read: dict[str, float] | None = None
                 for _ in range(args.repeat):  # the fastest run: the least disturbed by others
                     parse = asyncio.run(parse_only(kind, messages, names))
                     r.flushall()
@@ -261,13 +343,21 @@ def main() -> int:
                     rc = (sum(redis_ps.cpu_times()[:2]) - rc0) if redis_ps else 0.0
                     if best is None or full["wall"] < best[2]["wall"]:
                         best = (kind, parse, full, rc, busy, load)
-                assert best is not None
-                rows.append(best)
+                    r.flushall()
+                    wait_quiet(QUIET_PCT, QUIET_WAIT_S)
+                    read = asyncio.run(
+                        measure_read(kind, stream, names, rp.url, len(messages), full["ticks"])
+                    )
+                    if best_read is None or read["wall"] < best_read["wall"]:
+                        best_read = read
+                assert best is not None and best_read is not None
+                rows.append((*best, best_read))
                 kind, parse, full, rc, busy, load = best
                 print(
                     f"{kind:16} {full['messages'] / full['wall']:>9,.0f} msgs/s "
                     f"{full['ticks'] / full['wall']:>9,.0f} ticks/s  "
-                    f"{full['messages'] / full['cpu']:>9,.0f} msgs per CPU s  "
+                    f"{full['messages'] / full['cpu']:>9,.0f} msgs per CPU s; with the read "
+                    f"{best_read['messages'] / best_read['wall']:>9,.0f} msgs/s "
                     f"(load {load[0]:.1f}, busy {busy:.0f}%)",
                     flush=True,
                 )
@@ -292,17 +382,20 @@ def report(rows: list[tuple[Any, ...]], n: int) -> str:
         "clock from the first message read to the last tick published",
         f"- Target: {TARGET:,} messages/s per feed process",
         "",
-        "| source | ticks per msg | messages/s (wall) | ticks/s (wall) | messages per feed "
-        "CPU second | feed CPU µs per msg (parse only) | Redis CPU µs per msg "
-        "| load avg (1/5/15 min) | busy before |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| source | ticks per msg | messages/s (wall), with the WebSocket read | messages/s "
+        "(wall), without it | ticks/s (wall), without it | messages per feed CPU second, with "
+        "/ without the read | feed CPU µs per msg: with the read / without it (parse only) "
+        "| Redis CPU µs per msg | load avg (1/5/15 min) | busy before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for kind, parse, full, rc, busy, load in rows:
+    for kind, parse, full, rc, busy, load, read in rows:
         n_msgs = full["messages"]
         out.append(
-            f"| {kind} | {full['ticks'] / n_msgs:.1f} | {n_msgs / full['wall']:,.0f} | "
-            f"{full['ticks'] / full['wall']:,.0f} | {n_msgs / full['cpu']:,.0f} | "
-            f"{full['cpu'] / n_msgs * 1e6:.1f} ({parse['cpu'] / n_msgs * 1e6:.1f}) | "
+            f"| {kind} | {full['ticks'] / n_msgs:.1f} | {n_msgs / read['wall']:,.0f} | "
+            f"{n_msgs / full['wall']:,.0f} | {full['ticks'] / full['wall']:,.0f} | "
+            f"{n_msgs / read['cpu']:,.0f} / {n_msgs / full['cpu']:,.0f} | "
+            f"{read['cpu'] / n_msgs * 1e6:.1f} / {full['cpu'] / n_msgs * 1e6:.1f} "
+            f"({parse['cpu'] / n_msgs * 1e6:.1f}) | "
             f"{rc / n_msgs * 1e6:.1f} | {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} | "
             f"{busy:.0f}% |"
         )

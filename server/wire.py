@@ -32,7 +32,7 @@ from pydantic import (
 PROTOCOL_VERSION = 1
 TICK_TYPES = ("trade", "quote")
 # The fields of a tick event as published, in this order (optional ones only when set): what
-# ``server.live.bus.encode_tail`` and the publish script write, and stored rows replay as (with
+# ``server.live.bus.tick_body`` and the publish script write, and stored rows replay as (with
 # ``epoch`` after them, and an enriched replay's fields after that).
 TICK_FIELDS = {
     "trade": ("type", "sym", "seq", "ts", "price", "size", "side", "venue", "trade_id", "recv_ts"),

@@ -168,25 +168,20 @@ def channel_symbol(name: bytes | str) -> str:
     return rest
 
 
-def encode_line(tick: Tick) -> bytes:
-    """A tick as the publish script takes it: ``t`` or ``q``, then ``encode_tail``."""
-    # A venue's usual tick (every optional field set, a quote not crossed) in one dict: the
-    # same fields in the same order as encode_tail, without its branches (a feed encodes every
-    # tick it publishes).
+def tick_body(tick: Tick) -> dict[str, object]:
+    """The fields of a tick event after ``"seq":N`` in the wire order, optional ones only when
+    set (the publish script writes type, sym and seq before them)."""
+    # A venue's usual tick (every optional field set, a quote not crossed) in one dict, without
+    # the branches below (a feed builds one for every tick it publishes).
     if type(tick) is Trade:
         side, venue, trade_id, recv = tick.side, tick.venue, tick.trade_id, tick.recv_ts
         if venue is not None and trade_id is not None and recv is not None:
             if side is not None:
-                return b"t" + orjson.dumps(
-                    {"ts": tick.ts, "price": tick.price, "size": tick.size, "side": side,
-                     "venue": venue, "trade_id": trade_id, "recv_ts": recv}
-                )[1:]  # fmt: skip
-            return b"t" + orjson.dumps(
-                {"ts": tick.ts, "price": tick.price, "size": tick.size, "venue": venue,
-                 "trade_id": trade_id, "recv_ts": recv}
-            )[1:]  # fmt: skip
-        return b"t" + encode_tail(tick)
-    if type(tick) is Quote:
+                return {"ts": tick.ts, "price": tick.price, "size": tick.size, "side": side,
+                        "venue": venue, "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
+            return {"ts": tick.ts, "price": tick.price, "size": tick.size, "venue": venue,
+                    "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
+    elif type(tick) is Quote:
         bid, ask, bid_size, ask_size = tick.bid, tick.ask, tick.bid_size, tick.ask_size
         venue, recv = tick.venue, tick.recv_ts
         if (
@@ -196,15 +191,8 @@ def encode_line(tick: Tick) -> bytes:
             and recv is not None
             and not bid > ask
         ):
-            return b"q" + orjson.dumps(
-                {"ts": tick.ts, "bid": bid, "bid_size": bid_size, "ask": ask,
-                 "ask_size": ask_size, "venue": venue, "recv_ts": recv}
-            )[1:]  # fmt: skip
-    return (b"t" if isinstance(tick, Trade) else b"q") + encode_tail(tick)
-
-
-def encode_tail(tick: Tick) -> bytes:
-    """The part of a tick event after ``"seq":N,`` (the script adds type, sym and seq)."""
+            return {"ts": tick.ts, "bid": bid, "bid_size": bid_size, "ask": ask,
+                    "ask_size": ask_size, "venue": venue, "recv_ts": recv}  # fmt: skip
     if isinstance(tick, Trade):
         body: dict[str, object] = {"ts": tick.ts, "price": tick.price, "size": tick.size}
         if tick.side is not None:
@@ -226,7 +214,12 @@ def encode_tail(tick: Tick) -> bytes:
             body["venue"] = tick.venue
     if tick.recv_ts is not None:
         body["recv_ts"] = tick.recv_ts
-    return orjson.dumps(body)[1:]
+    return body
+
+
+def encode_tail(tick: Tick) -> bytes:
+    """The part of a tick event after ``"seq":N,``: ``tick_body`` as JSON, its brace left out."""
+    return orjson.dumps(tick_body(tick))[1:]
 
 
 # Assigns seq, starts a new epoch when a symbol's sequence state is missing (first publish, or
@@ -248,8 +241,10 @@ def encode_tail(tick: Tick) -> bytes:
 # Per symbol ARGV carries the epoch and seq the feed last got back: a cluster failover can bring
 # back a replica that missed the last writes, and seq numbers already handed out must not be
 # handed out again, so a seq found below that one (same epoch) is moved up to it. Then the
-# symbol's ticks as one argument: each tick's kind (t or q) and tail, one a line (JSON never
-# holds a raw newline), so the call carries a few arguments per symbol, not two per tick.
+# symbol's ticks as two arguments: their kinds (one letter each, t or q) and their bodies as one
+# JSON array (``tick_body``, encoded in one call), split at ``},{`` (no tick field's value can
+# hold a brace: numbers, and strings that are symbols or sides), so the call carries a few
+# arguments per symbol, not two per tick.
 PUBLISH_BATCH_LUA = r"""
 local maxhist = tonumber(ARGV[1])
 local nsyms = tonumber(ARGV[2])
@@ -269,7 +264,7 @@ if batch ~= '' and redis.call('HGET', KEYS[4], publisher) == batch then
     out[#out + 1] = ARGV[i]
     out[#out + 1] = redis.call('HGET', hkey, 'epoch')
     out[#out + 1] = tonumber(redis.call('HGET', hkey, 'seq'))
-    i = i + 6 + 2 * tonumber(ARGV[i + 4])
+    i = i + 7 + 2 * tonumber(ARGV[i + 4])
   end
   return out
 end
@@ -290,9 +285,10 @@ for g = 1, nsyms do
     gaps[q] = {tonumber(ARGV[i]), ARGV[i + 1]}
     i = i + 2
   end
-  local blob = ARGV[i]
-  local pos = 1
-  i = i + 1
+  local kinds = ARGV[i]
+  local blob = ARGV[i + 1]
+  local pos = 3  -- the first body's first field, after '[{'
+  i = i + 2
   local hkey = KEYS[3 + 2 * g]
   local skey = KEYS[4 + 2 * g]
   if known_seq > 0 and redis.call('HGET', hkey, 'epoch') == known_epoch then
@@ -319,10 +315,10 @@ for g = 1, nsyms do
   local last_quote = nil
   local q = 1
   for k = 1, n do
-    local stop = string.find(blob, '\n', pos, true) or (#blob + 1)
-    local kind = (string.byte(blob, pos) == 116) and 'trade' or 'quote'
-    local tail = string.sub(blob, pos + 1, stop - 1)
-    pos = stop + 1
+    local stop = string.find(blob, '},{', pos, true) or (#blob - 1)
+    local kind = (string.byte(kinds, k) == 116) and 'trade' or 'quote'
+    local tail = string.sub(blob, pos, stop)
+    pos = stop + 3
     while q <= ngaps and gaps[q][1] == k do
       local gap = '{"type":"status","code":"upstream_gap","sym":"' .. sym .. '","epoch":' ..
         epoch .. ',"after_seq":' .. string.format('%d', first + k - 2) .. gaps[q][2]
@@ -459,16 +455,19 @@ class Bus:
         ``gaps``: upstream gaps by ``id()`` of the tick each goes before. ``batch``: an id
         unique to this batch among ``publisher``'s; the same batch sent again (a retry after a
         lost reply) is answered with the state it left and is not applied twice."""
-        groups: dict[str, list[bytes]] = {}
+        # Per symbol its ticks' bodies and kinds (b"t" or b"q"), in order.
+        groups: dict[str, tuple[list[dict[str, object]], list[bytes]]] = {}
         marks: dict[str, list[bytes | str | int]] = {}
         for tick in ticks:
-            items = groups.get(tick.sym)
-            if items is None:
-                items = groups[tick.sym] = []
-            items.append(encode_line(tick))
+            entry = groups.get(tick.sym)
+            if entry is None:
+                entry = groups[tick.sym] = ([], [])
+            bodies, kinds = entry
+            bodies.append(tick_body(tick))
+            kinds.append(b"t" if type(tick) is Trade else b"q")
             if gaps and id(tick) in gaps:
                 for gap in gaps[id(tick)]:
-                    marks.setdefault(tick.sym, []).extend((len(items), gap))
+                    marks.setdefault(tick.sym, []).extend((len(bodies), gap))
         if not groups:
             return {}
         lay = self.layout
@@ -489,15 +488,15 @@ class Bus:
             self.publisher,
             batch,
         ]
-        for sym, items in groups.items():
+        for sym, (bodies, kinds) in groups.items():
             keys.extend((lay.sym_key(sym), lay.hist_key(sym)))
             known = self._assigned.get(sym)
-            args.extend((sym, len(items)))
+            args.extend((sym, len(bodies)))
             args.extend((str(known.epoch), known.seq) if known else ("", 0))
             gap_args = marks.get(sym, [])
             args.append(len(gap_args) // 2)
             args.extend(gap_args)
-            args.append(b"\n".join(items))
+            args.extend((b"".join(kinds), orjson.dumps(bodies)))
         out = await self._publish(keys=keys, args=args)
         states = {
             out[j].decode(): SeqState(int(out[j + 1]), int(out[j + 2]))

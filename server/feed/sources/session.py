@@ -26,9 +26,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+# picows' client (Cython) behind the websockets client's API: reading a venue's stream costs
+# 0.7 µs a message where the websockets client's costs 4.2 (bench/sources.py).
+from picows import websockets
+from picows.websockets import ClientConnection
+from picows.websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from server.feed.sources.adapter import Adapter, VenueRefused
 from server.feed.sources.continuity import Continuity, UpstreamGap
@@ -37,12 +40,17 @@ from server.ticks import Quote, Tick, Trade
 log = logging.getLogger("tickpipe.feed")
 CONNECTION_LOST = (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, EOFError)
 LATENCY_WINDOW_S = 60
-LATENCY_SAMPLES_PER_S = 1000  # per second of the window, the first ones (bounds the work)
+LATENCY_SAMPLES_PER_S = 1000  # per second of the window at most (bounds the work)
+LATENCY_SAMPLES_PER_BATCH = 10  # per batch handed to the tickerplant, evenly spread
 MAX_REASON = 200
 # Ticks handed to one publish at most: one script call runs in Redis alone, so a backlog (Redis
 # was slow or away while the venue went on) must not become one call of seconds.
 MAX_BATCH = 5000
 OVERLAP_POLL_S = 0.02  # how often a planned reconnect checks whether the new stream caught up
+# Messages read in a row at most before the tickerplant's loop gets a turn: reading what has
+# arrived already never waits, and a batch whose publish returned would wait behind thousands.
+READ_TURN = 100
+_NOTHING: list[str] = []  # no reply to send (never appended to)
 
 
 @dataclass(slots=True)
@@ -72,6 +80,7 @@ class _Conn:
     # The lowest trade id (True) or quote update id (False) staged per symbol, up to scanned.
     lowest: dict[tuple[str, bool], int] = field(default_factory=dict)
     scanned: int = 0
+    received: int = 0  # messages read
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -121,9 +130,7 @@ class VenueFeed:
         self._latency: collections.deque[tuple[int, list[int]]] = collections.deque(
             maxlen=LATENCY_WINDOW_S
         )
-        # The samples of the second being filled, and where that second starts and ends (ns).
-        self._samples: list[int] = []
-        self._second_starts = self._second_ends = 0
+        self._snapshots: set[int] = set()  # id() of the snapshot ticks waiting in _pending
         self._max_pending = self.options.max_pending
 
     def describe(self) -> str:
@@ -139,10 +146,12 @@ class VenueFeed:
         if len(self._pending) <= MAX_BATCH:
             out, self._pending = self._pending, []
             self._due_gaps, self._gaps = self._gaps, []
-            return out
-        out, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        self._due_gaps = [(at, gap) for at, gap in self._gaps if at < MAX_BATCH]
-        self._gaps = [(at - MAX_BATCH, gap) for at, gap in self._gaps if at >= MAX_BATCH]
+        else:
+            out, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._due_gaps = [(at, gap) for at, gap in self._gaps if at < MAX_BATCH]
+            self._gaps = [(at - MAX_BATCH, gap) for at, gap in self._gaps if at >= MAX_BATCH]
+        if out:
+            self._sample_latency(out)
         return out
 
     def take_gaps(self) -> list[tuple[int, UpstreamGap]]:
@@ -202,26 +211,31 @@ class VenueFeed:
     def _admit(self, tick: Tick, snapshot: bool = False) -> None:
         self._pending.append(tick)
         self.ticks += 1
-        recv = tick.recv_ts
-        # No venue time, or a snapshot of what happened before subscribing: no latency to learn.
-        if recv is None or snapshot:
-            return
-        latency = recv - tick.ts
-        if not latency:
-            return
-        # The usual tick: received within the second being filled.
-        if self._second_starts <= recv < self._second_ends:
-            samples = self._samples
-        else:
+        if snapshot:  # what happened before subscribing: no latency to learn from it
+            self._snapshots.add(id(tick))
+
+    def _sample_latency(self, ticks: list[Tick]) -> None:
+        """Learn (receive - event time) from ``ticks``, the ones ``due`` hands over: from at
+        most about ``LATENCY_SAMPLES_PER_BATCH`` of them, evenly spread (every tick of a small
+        batch), and at most ``LATENCY_SAMPLES_PER_S`` per second received."""
+        snapshots = self._snapshots
+        bins = self._latency
+        step = len(ticks) // LATENCY_SAMPLES_PER_BATCH + 1
+        for tick in ticks[::step] if step > 1 else ticks:
+            recv = tick.recv_ts
+            if recv is None or (snapshots and id(tick) in snapshots):
+                continue
+            latency = recv - tick.ts
+            if not latency:  # no venue time: the receive time stood in for it
+                continue
             second = recv // 1_000_000_000
-            bins = self._latency
             if not bins or bins[-1][0] != second:
                 bins.append((second, []))
-            samples = self._samples = bins[-1][1]
-            self._second_starts = second * 1_000_000_000
-            self._second_ends = self._second_starts + 1_000_000_000
-        if len(samples) < LATENCY_SAMPLES_PER_S:
-            samples.append(latency)
+            samples = bins[-1][1]
+            if len(samples) < LATENCY_SAMPLES_PER_S:
+                samples.append(latency)
+        if snapshots:
+            snapshots.difference_update(id(t) for t in ticks)
 
     def subscribed(self, what: str) -> None:
         self.adapter.ready = True
@@ -315,8 +329,16 @@ class VenueFeed:
         return conn
 
     async def _read(self, conn: _Conn, timeout: float | None) -> None:
-        raw = await asyncio.wait_for(conn.ws.recv(), timeout)
+        """Read and take one message within ``timeout`` (while subscribing)."""
+        replies = self._take(conn, await asyncio.wait_for(conn.ws.recv(decode=False), timeout))
+        for text in replies:
+            await conn.ws.send(text)
+
+    def _take(self, conn: _Conn, raw: str | bytes) -> list[str]:
+        """Hand one message to the adapter; returns what to send back to the venue. Raises
+        ``VenueRefused`` when the venue refused what it was asked for."""
         self.messages += 1
+        conn.received += 1
         self._staged = conn.staged
         try:
             self.adapter.on_message(raw, time.time_ns())
@@ -332,15 +354,45 @@ class VenueFeed:
             raise VenueRefused(refusal)
         if self._replies:
             replies, self._replies = self._replies, []
-            for text in replies:
-                await conn.ws.send(text)
+            return replies
+        return _NOTHING
+
+    async def _read_on(self, conn: _Conn) -> None:
+        """Read and take messages until the connection ends (raises why)."""
+        recv, send, take = conn.ws.recv, conn.ws.send, self._take
+        turn = 0
+        while True:
+            for text in take(conn, await recv(decode=False)):
+                await send(text)
+            turn += 1
+            if turn == READ_TURN:  # a read that finds messages waiting does not yield
+                turn = 0
+                await asyncio.sleep(0)
 
     async def _pump(self, conn: _Conn) -> None:
-        while True:
-            try:
-                await self._read(conn, self.silence_s)
-            except TimeoutError:
-                raise TimeoutError(f"no message from the venue for {self.silence_s:g}s") from None
+        """Read ``conn`` until it ends; with a silence limit, a watchdog ends it (raising
+        ``TimeoutError``) when no message came for that long. (No timer per message: a timeout
+        around each read cost more than the read itself.)"""
+        if self.silence_s is None:
+            await self._read_on(conn)
+            return
+        silence = self.silence_s
+        reader = asyncio.create_task(self._read_on(conn))
+        try:
+            heard, since = conn.received, time.monotonic()
+            while True:
+                done, _ = await asyncio.wait({reader}, timeout=silence / 4)
+                if done:
+                    reader.result()  # raises why the connection ended
+                now = time.monotonic()
+                if conn.received != heard:
+                    heard, since = conn.received, now
+                elif now - since >= silence:
+                    raise TimeoutError(f"no message from the venue for {silence:g}s")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
 
     async def _live(self, conn: _Conn) -> None:
         """Read ``conn`` until it is lost (raises why); hand over to a new connection before
