@@ -241,10 +241,10 @@ def encode_tail(tick: Tick) -> bytes:
 # Per symbol ARGV carries the epoch and seq the feed last got back: a cluster failover can bring
 # back a replica that missed the last writes, and seq numbers already handed out must not be
 # handed out again, so a seq found below that one (same epoch) is moved up to it. Then the
-# symbol's ticks as two arguments: their kinds (one letter each, t or q) and their bodies as one
-# JSON array (``tick_body``, encoded in one call), split at ``},{`` (no tick field's value can
-# hold a brace: numbers, and strings that are symbols or sides), so the call carries a few
-# arguments per symbol, not two per tick.
+# symbol's ticks as one argument: their bodies as one JSON array (``tick_body``, encoded in one
+# call), split at ``},{`` (no tick field's value can hold a brace: numbers, and strings that are
+# symbols or sides), so the call carries a few arguments per symbol, not two per tick. A body's
+# second field tells its kind: ``price`` (a trade) or ``bid`` (a quote), after ``ts``.
 PUBLISH_BATCH_LUA = r"""
 local maxhist = tonumber(ARGV[1])
 local nsyms = tonumber(ARGV[2])
@@ -264,7 +264,7 @@ if batch ~= '' and redis.call('HGET', KEYS[4], publisher) == batch then
     out[#out + 1] = ARGV[i]
     out[#out + 1] = redis.call('HGET', hkey, 'epoch')
     out[#out + 1] = tonumber(redis.call('HGET', hkey, 'seq'))
-    i = i + 7 + 2 * tonumber(ARGV[i + 4])
+    i = i + 6 + 2 * tonumber(ARGV[i + 4])
   end
   return out
 end
@@ -285,10 +285,9 @@ for g = 1, nsyms do
     gaps[q] = {tonumber(ARGV[i]), ARGV[i + 1]}
     i = i + 2
   end
-  local kinds = ARGV[i]
-  local blob = ARGV[i + 1]
+  local blob = ARGV[i]
   local pos = 3  -- the first body's first field, after '[{'
-  i = i + 2
+  i = i + 1
   local hkey = KEYS[3 + 2 * g]
   local skey = KEYS[4 + 2 * g]
   if known_seq > 0 and redis.call('HGET', hkey, 'epoch') == known_epoch then
@@ -316,7 +315,8 @@ for g = 1, nsyms do
   local q = 1
   for k = 1, n do
     local stop = string.find(blob, '},{', pos, true) or (#blob - 1)
-    local kind = (string.byte(kinds, k) == 116) and 'trade' or 'quote'
+    local second = string.find(blob, ',"', pos, true)  -- '"ts":N,' then "price" or "bid"
+    local kind = (string.byte(blob, second + 2) == 112) and 'trade' or 'quote'
     local tail = string.sub(blob, pos, stop)
     pos = stop + 3
     while q <= ngaps and gaps[q][1] == k do
@@ -455,16 +455,13 @@ class Bus:
         ``gaps``: upstream gaps by ``id()`` of the tick each goes before. ``batch``: an id
         unique to this batch among ``publisher``'s; the same batch sent again (a retry after a
         lost reply) is answered with the state it left and is not applied twice."""
-        # Per symbol its ticks' bodies and kinds (b"t" or b"q"), in order.
-        groups: dict[str, tuple[list[dict[str, object]], list[bytes]]] = {}
+        groups: dict[str, list[dict[str, object]]] = {}  # per symbol its ticks' bodies, in order
         marks: dict[str, list[bytes | str | int]] = {}
         for tick in ticks:
-            entry = groups.get(tick.sym)
-            if entry is None:
-                entry = groups[tick.sym] = ([], [])
-            bodies, kinds = entry
+            bodies = groups.get(tick.sym)
+            if bodies is None:
+                bodies = groups[tick.sym] = []
             bodies.append(tick_body(tick))
-            kinds.append(b"t" if type(tick) is Trade else b"q")
             if gaps and id(tick) in gaps:
                 for gap in gaps[id(tick)]:
                     marks.setdefault(tick.sym, []).extend((len(bodies), gap))
@@ -488,7 +485,7 @@ class Bus:
             self.publisher,
             batch,
         ]
-        for sym, (bodies, kinds) in groups.items():
+        for sym, bodies in groups.items():
             keys.extend((lay.sym_key(sym), lay.hist_key(sym)))
             known = self._assigned.get(sym)
             args.extend((sym, len(bodies)))
@@ -496,7 +493,7 @@ class Bus:
             gap_args = marks.get(sym, [])
             args.append(len(gap_args) // 2)
             args.extend(gap_args)
-            args.extend((b"".join(kinds), orjson.dumps(bodies)))
+            args.append(orjson.dumps(bodies))
         out = await self._publish(keys=keys, args=args)
         states = {
             out[j].decode(): SeqState(int(out[j + 1]), int(out[j + 2]))

@@ -50,7 +50,6 @@ OVERLAP_POLL_S = 0.02  # how often a planned reconnect checks whether the new st
 # Messages read in a row at most before the tickerplant's loop gets a turn: reading what has
 # arrived already never waits, and a batch whose publish returned would wait behind thousands.
 READ_TURN = 100
-_NOTHING: list[str] = []  # no reply to send (never appended to)
 
 
 @dataclass(slots=True)
@@ -331,12 +330,12 @@ class VenueFeed:
     async def _read(self, conn: _Conn, timeout: float | None) -> None:
         """Read and take one message within ``timeout`` (while subscribing)."""
         replies = self._take(conn, await asyncio.wait_for(conn.ws.recv(decode=False), timeout))
-        for text in replies:
+        for text in replies or ():
             await conn.ws.send(text)
 
-    def _take(self, conn: _Conn, raw: str | bytes) -> list[str]:
-        """Hand one message to the adapter; returns what to send back to the venue. Raises
-        ``VenueRefused`` when the venue refused what it was asked for."""
+    def _take(self, conn: _Conn, raw: str | bytes) -> list[str] | None:
+        """Hand one message to the adapter; returns what to send back to the venue, if any.
+        Raises ``VenueRefused`` when the venue refused what it was asked for."""
         self.messages += 1
         conn.received += 1
         self._staged = conn.staged
@@ -355,15 +354,17 @@ class VenueFeed:
         if self._replies:
             replies, self._replies = self._replies, []
             return replies
-        return _NOTHING
+        return None
 
     async def _read_on(self, conn: _Conn) -> None:
         """Read and take messages until the connection ends (raises why)."""
         recv, send, take = conn.ws.recv, conn.ws.send, self._take
         turn = 0
         while True:
-            for text in take(conn, await recv(decode=False)):
-                await send(text)
+            replies = take(conn, await recv(decode=False))
+            if replies:
+                for text in replies:
+                    await send(text)
             turn += 1
             if turn == READ_TURN:  # a read that finds messages waiting does not yield
                 turn = 0
