@@ -388,7 +388,11 @@ def report(rows: list[tuple[Any, ...]], n: int) -> str:
         f"- Stream: {n:,} captured venue messages per source, ids renumbered, read as fast as "
         "possible by the adapter and the session's checks while the tickerplant's loop "
         "(default settings: a batch every 10 ms) publishes into a local redis-server; wall "
-        "clock from the first message read to the last tick published",
+        "clock from the first message read to the last tick published. Then the same with the "
+        "WebSocket read: a local venue process writes the stream as WebSocket frames as fast as "
+        "the socket takes them, the feed's session reads it (picows' client) as `tickpipe feed "
+        "--source` does; wall clock from the first frame sent to the last tick published. Each "
+        "source in a process of its own; the fastest of the runs of each kind",
         f"- Target: {TARGET:,} messages/s per feed process",
         "",
         "| source | ticks per msg | messages/s (wall), with the WebSocket read | messages/s "
