@@ -1,6 +1,6 @@
 """The pure parts, without a network: the replay's virtual clock, a subscriber's buffer
-(conflation, sampling, hold and release), the fingerprint, and the parsing of times,
-integers, flags, symbols and speeds."""
+(conflation, sampling, hold and release), the fingerprint, the parsing of times, integers,
+flags, symbols and speeds, and a live source's latency window."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from server.api.errors import ApiError
 from server.api.params import parse_flag, parse_int, parse_time
 from server.api.ticks import parse_symbols
 from server.config import Settings
+from server.feed.sources import ADAPTERS, VenueFeed
 from server.live.subscriber import QUOTE, TRADE, Subscriber
 from server.replay import VirtualClock, parse_speed
-from server.ticks import is_valid_symbol
+from server.ticks import Trade, is_valid_symbol
 from tickpipe.fingerprint import Fingerprint, canonical_event, canonical_line
 
 # The virtual clock ----------------------------------------------------------------------------
@@ -261,3 +262,54 @@ def test_what_is_not_a_symbol(sym: object) -> None:
 @pytest.mark.parametrize("sym", ["AAPL", "BTC/USD", "BRK.B", "ES_F", "X", "A" * 32])
 def test_what_is_a_symbol(sym: str) -> None:
     assert is_valid_symbol(sym)
+
+
+# A live source's latency window ---------------------------------------------------------------
+
+
+def _venue_feed() -> VenueFeed:
+    return VenueFeed(ADAPTERS["binance"], {"BTCUSDT": "BTCUSDT"})
+
+
+def _trade(trade_id: int, recv_ns: int, latency_ns: int) -> Trade:
+    return Trade("BTCUSDT", recv_ns - latency_ns, 100.0, 1.0, "buy", "BINANCE", trade_id, recv_ns)
+
+
+def test_a_busy_sources_latency_comes_from_a_few_ticks_of_each_batch_spread_evenly() -> None:
+    feed = _venue_feed()
+    second = 1_790_000_000 * 10**9
+    # 5,000 ticks in one batch whose latency grows 1 µs per tick: 1..5,000 µs.
+    for i in range(5000):
+        feed.trade(_trade(i + 1, second + i, (i + 1) * 1000), None)
+    assert len(feed.due(0, 0)) == 5000
+    ((_, samples),) = feed._latency
+    assert 5 <= len(samples) <= 11  # about ten, not 5,000
+    assert min(samples) <= 501_000 and max(samples) >= 4_500_000  # from across the batch
+    p50, p99, spark = feed.latency_ms(second + 10**9 // 2)
+    assert p50 is not None and 2.0 <= p50 <= 3.0 and p99 is not None and p99 >= 4.5
+    assert len(spark) == 1
+
+
+def test_a_quiet_sources_every_tick_counts_and_snapshots_and_untimed_ticks_never_do() -> None:
+    feed = _venue_feed()
+    second = 1_790_000_000 * 10**9
+    feed.trade(_trade(1, second, 4_000_000), None, snapshot=True)  # from before subscribing
+    feed.trade(_trade(2, second + 1, 0), None)  # no venue time: receive time stood in
+    feed.trade(_trade(3, second + 2, 2_000_000), None)
+    feed.trade(_trade(4, second + 3, 6_000_000), None)
+    feed.due(0, 0)
+    assert [s for _, s in feed._latency] == [[2_000_000, 6_000_000]]
+    assert not feed._snapshots  # forgotten once handed over
+
+
+def test_latency_keeps_at_most_a_thousand_samples_a_second() -> None:
+    feed = _venue_feed()
+    second = 1_790_000_000 * 10**9
+    trade_id = 0
+    for _ in range(300):  # 300 batches of 5 ticks received in the same second
+        for _ in range(5):
+            trade_id += 1
+            feed.trade(_trade(trade_id, second + trade_id, 1_000_000), None)
+        feed.due(0, 0)
+    ((_, samples),) = feed._latency
+    assert len(samples) == 1000
