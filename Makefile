@@ -46,11 +46,16 @@ run: setup
 # Four workers on two cores: most of a test's time is spent waiting on its own Redis, web and
 # feed processes. A module's tests stay on one worker (--dist loadfile: its fixtures start once).
 # Tests marked `alone` (a thousand sockets at once; the schemathesis fuzz, whose items share one
-# node id and so cannot be told apart by pytest-xdist) run afterwards, one at a time; both passes
-# always run and either failing fails the target. The 15 slowest tests are listed at the end.
+# node id and so cannot be told apart by pytest-xdist) run afterwards, one at a time, from the
+# files that mark any; both passes always run and either failing fails the target. Only the fuzz
+# needs the schemathesis and hypothesis plugins: the first pass leaves them and its file out
+# (each pytest process, each worker too, took 4 s more to start with them). The 15 slowest tests
+# are listed at the end.
+ALONE_FILES = $(shell grep -l 'mark\.alone' tests/test_*.py)
 test: lint
-	@rc=0; $(BIN)/pytest -n 4 --dist loadfile -m 'not alone' --durations=15 || rc=$$?; \
-	  $(BIN)/pytest -m alone || rc=$$((rc ? rc : $$?)); exit $$rc
+	@rc=0; $(BIN)/pytest -n 4 --dist loadfile -m 'not alone' --durations=15 \
+	  -p no:schemathesis -p no:hypothesispytest --ignore=tests/test_rest_fuzz.py || rc=$$?; \
+	  $(BIN)/pytest -m alone $(ALONE_FILES) || rc=$$((rc ? rc : $$?)); exit $$rc
 
 # ruff, the import contracts in pyproject.toml (layers, no cycles, the client stands alone) and
 # mypy (strict) on server/ and tickpipe/.
