@@ -32,8 +32,8 @@ from pydantic import (
 PROTOCOL_VERSION = 1
 TICK_TYPES = ("trade", "quote")
 # The fields of a tick event as published, in this order (optional ones only when set): what
-# ``server.live.bus.tick_body`` and the publish script write, and stored rows replay as (with
-# ``epoch`` after them, and an enriched replay's fields after that).
+# ``server.live.bus.tick_event`` writes and the publish script keeps, and stored rows replay as
+# (with ``epoch`` after them, and an enriched replay's fields after that).
 TICK_FIELDS = {
     "trade": ("type", "sym", "seq", "ts", "price", "size", "side", "venue", "trade_id", "recv_ts"),
     "quote": (

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from server.live.bus import Bus, Layout, encode_upstream_gap
+from server.live.bus import Bus, Layout, SeqState, encode_upstream_gap
 from server.ticks import Quote, Trade
 from tests.harness import RedisProcess
 
@@ -124,3 +124,57 @@ async def test_a_batch_sent_again_under_its_id_is_answered_not_applied_twice(bus
     other = await bus.publish_group(batch, batch="run.2")  # a new batch: applied
     assert other["AAPL"].seq == 4
     assert (await Bus(bus.redis).publish_group(batch))["AAPL"].seq == 6  # no id: always applied
+
+
+async def _events(bus: Bus, sym: str) -> list[dict[str, object]]:
+    frags = await bus.history(sym, 0)
+    return [e for f in frags for e in orjson.loads(b"[" + f + b"]")]
+
+
+async def test_a_publish_after_the_first_keeps_the_feeds_numbering_and_latest(bus: Bus) -> None:
+    """From its second publish on a feed numbers the events itself (it knows the seq it got
+    back); what Redis holds is the same as the script numbering them: contiguous seqs, the
+    latest trade and quote being those events, the channel carrying them."""
+    await bus.publish([trade("AAPL", 1), quote("AAPL", 2)])
+    pubsub = bus.redis.pubsub()
+    await pubsub.subscribe(Layout().channel("AAPL"))
+    await pubsub.get_message(timeout=1)
+    states = await bus.publish([quote("AAPL", 3), trade("AAPL", 4, side="sell"), quote("AAPL", 5)])
+    msg = None
+    while msg is None:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+    await pubsub.aclose()
+    assert states["AAPL"].seq == 5
+    events = await _events(bus, "AAPL")
+    assert [(e["type"], e["seq"]) for e in events] == [
+        ("trade", 1), ("quote", 2), ("quote", 3), ("trade", 4), ("quote", 5)
+    ]  # fmt: skip
+    assert orjson.loads(b"[" + msg["data"] + b"]") == events[2:]
+    latest = (await bus.latest(["AAPL"]))["AAPL"]
+    assert orjson.loads(latest.trade) == events[3] and events[3]["side"] == "sell"
+    assert orjson.loads(latest.quote) == events[4]
+
+
+async def test_a_symbol_another_publisher_moved_on_is_renumbered_not_doubled(bus: Bus) -> None:
+    """A feed's own numbering is only used when Redis is where the feed left it: after another
+    publisher's ticks of the same symbol the script numbers the events after theirs."""
+    other = Bus(bus.redis)
+    await bus.publish([trade("AAPL", 1), quote("AAPL", 2), trade("AAPL", 3)])
+    await other.publish([trade("AAPL", 4), quote("AAPL", 5)])
+    states = await bus.publish([quote("AAPL", 6), trade("AAPL", 7)])
+    assert states["AAPL"].seq == 7
+    events = await _events(bus, "AAPL")
+    assert [e["seq"] for e in events] == list(range(1, 8))
+    assert [e["ts"] for e in events] == [T0 + i for i in range(1, 8)]
+    latest = (await bus.latest(["AAPL"]))["AAPL"]
+    assert orjson.loads(latest.trade) == events[6] and orjson.loads(latest.quote) == events[5]
+
+
+async def test_a_seq_found_behind_the_one_handed_out_is_not_handed_out_again(bus: Bus) -> None:
+    """A promoted replica that missed the last writes holds an older seq under the same epoch:
+    the feed's next events go on after the seq it was given, never reusing one."""
+    first = (await bus.publish([trade("AAPL", i) for i in range(1, 4)]))["AAPL"]
+    await bus.redis.hset(Layout().sym_key("AAPL"), "seq", 1)  # as the replica had it
+    states = await bus.publish([trade("AAPL", 4), quote("AAPL", 5)])
+    assert states["AAPL"] == SeqState(first.epoch, 5)
+    assert [e["seq"] for e in await _events(bus, "AAPL")] == [1, 2, 3, 4, 5]

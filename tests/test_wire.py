@@ -17,7 +17,7 @@ import pytest
 import tickpipe.client
 import tickpipe.wire
 from server import wire
-from server.live.bus import encode_tail, tick_body
+from server.live.bus import tick_event
 from server.ticks import Quote, Trade
 from tests.harness import ROOT, Stack, next_event, send
 
@@ -65,18 +65,16 @@ def test_published_tick_fields_follow_the_wire_order() -> None:
     trade = Trade("AAPL", 1_790_000_000_000_000_000, 101.5, 3.0, "buy", "XNAS")
     quote = Quote("AAPL", 1_790_000_000_000_000_000, 101.0, None, 102.0, 5.0, "XNAS")
     for kind, tick in (("trade", trade), ("quote", quote)):
-        # What the publish script writes before the tail: type, sym, seq.
-        event = orjson.loads(b'{"type":"' + kind.encode() + b'","sym":"AAPL","seq":1,' +
-                             encode_tail(tick))  # fmt: skip
-        assert list(event)[:3] == ["type", "sym", "seq"]
+        event = orjson.loads(orjson.dumps(tick_event(tick, 1)))
+        assert list(event)[:3] == ["type", "sym", "seq"] and event["type"] == kind
         assert _in_order(event, wire.TICK_FIELDS[kind]), list(event)
         assert set(event) <= set(wire.TICK_FIELDS[kind])
 
 
-def _general(tick: Trade | Quote) -> dict[str, object]:
-    """The event fields of ``tick`` after seq, built one by one from TICK_FIELDS."""
+def _general(tick: Trade | Quote, seq: int) -> dict[str, object]:
+    """The event of ``tick``, built one field at a time from TICK_FIELDS."""
     kind = "trade" if isinstance(tick, Trade) else "quote"
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"type": kind, "sym": tick.sym, "seq": seq}
     for name in wire.TICK_FIELDS[kind][3:]:
         value = getattr(tick, name)
         if value is not None and value is not False:
@@ -97,10 +95,11 @@ def _general(tick: Trade | Quote) -> dict[str, object]:
     ],
 )
 def test_every_tick_is_encoded_once_in_the_wire_order_whatever_path(tick: Trade | Quote) -> None:
-    """``tick_body`` (with a shortcut for a venue's usual tick) gives the fields the wire module
-    lists, in its order, and ``encode_tail`` writes them."""
-    assert list(tick_body(tick).items()) == list(_general(tick).items())
-    assert list(orjson.loads(b"{" + encode_tail(tick)).items()) == list(_general(tick).items())
+    """``tick_event`` (with a shortcut for a venue's usual tick) gives the fields the wire module
+    lists, in its order, and orjson writes them so."""
+    assert list(tick_event(tick, 42).items()) == list(_general(tick, 42).items())
+    encoded = orjson.loads(orjson.dumps(tick_event(tick, 42)))
+    assert list(encoded.items()) == list(_general(tick, 42).items())
 
 
 def test_stored_rows_replay_in_the_wire_order_with_epoch_after_the_tick_fields() -> None:

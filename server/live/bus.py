@@ -168,18 +168,20 @@ def channel_symbol(name: bytes | str) -> str:
     return rest
 
 
-def tick_body(tick: Tick) -> dict[str, object]:
-    """The fields of a tick event after ``"seq":N`` in the wire order, optional ones only when
-    set (the publish script writes type, sym and seq before them)."""
+def tick_event(tick: Tick, seq: int) -> dict[str, object]:
+    """A tick's event as published, numbered ``seq``: its fields in the wire order
+    (``server.wire.TICK_FIELDS``), optional ones only when set."""
     # A venue's usual tick (every optional field set, a quote not crossed) in one dict, without
     # the branches below (a feed builds one for every tick it publishes).
     if type(tick) is Trade:
         side, venue, trade_id, recv = tick.side, tick.venue, tick.trade_id, tick.recv_ts
         if venue is not None and trade_id is not None and recv is not None:
             if side is not None:
-                return {"ts": tick.ts, "price": tick.price, "size": tick.size, "side": side,
-                        "venue": venue, "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
-            return {"ts": tick.ts, "price": tick.price, "size": tick.size, "venue": venue,
+                return {"type": "trade", "sym": tick.sym, "seq": seq, "ts": tick.ts,
+                        "price": tick.price, "size": tick.size, "side": side, "venue": venue,
+                        "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
+            return {"type": "trade", "sym": tick.sym, "seq": seq, "ts": tick.ts,
+                    "price": tick.price, "size": tick.size, "venue": venue,
                     "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
     elif type(tick) is Quote:
         bid, ask, bid_size, ask_size = tick.bid, tick.ask, tick.bid_size, tick.ask_size
@@ -191,35 +193,34 @@ def tick_body(tick: Tick) -> dict[str, object]:
             and recv is not None
             and not bid > ask
         ):
-            return {"ts": tick.ts, "bid": bid, "bid_size": bid_size, "ask": ask,
-                    "ask_size": ask_size, "venue": venue, "recv_ts": recv}  # fmt: skip
+            return {"type": "quote", "sym": tick.sym, "seq": seq, "ts": tick.ts, "bid": bid,
+                    "bid_size": bid_size, "ask": ask, "ask_size": ask_size, "venue": venue,
+                    "recv_ts": recv}  # fmt: skip
     if isinstance(tick, Trade):
-        body: dict[str, object] = {"ts": tick.ts, "price": tick.price, "size": tick.size}
+        event: dict[str, object] = {
+            "type": "trade", "sym": tick.sym, "seq": seq, "ts": tick.ts, "price": tick.price,
+            "size": tick.size,
+        }  # fmt: skip
         if tick.side is not None:
-            body["side"] = tick.side
+            event["side"] = tick.side
         if tick.venue is not None:
-            body["venue"] = tick.venue
+            event["venue"] = tick.venue
         if tick.trade_id is not None:
-            body["trade_id"] = tick.trade_id
+            event["trade_id"] = tick.trade_id
     else:
-        body = {"ts": tick.ts, "bid": tick.bid}
+        event = {"type": "quote", "sym": tick.sym, "seq": seq, "ts": tick.ts, "bid": tick.bid}
         if tick.bid_size is not None:
-            body["bid_size"] = tick.bid_size
-        body["ask"] = tick.ask
+            event["bid_size"] = tick.bid_size
+        event["ask"] = tick.ask
         if tick.ask_size is not None:
-            body["ask_size"] = tick.ask_size
+            event["ask_size"] = tick.ask_size
         if tick.crossed:
-            body["crossed"] = True
+            event["crossed"] = True
         if tick.venue is not None:
-            body["venue"] = tick.venue
+            event["venue"] = tick.venue
     if tick.recv_ts is not None:
-        body["recv_ts"] = tick.recv_ts
-    return body
-
-
-def encode_tail(tick: Tick) -> bytes:
-    """The part of a tick event after ``"seq":N,``: ``tick_body`` as JSON, its brace left out."""
-    return orjson.dumps(tick_body(tick))[1:]
+        event["recv_ts"] = tick.recv_ts
+    return event
 
 
 # Assigns seq, starts a new epoch when a symbol's sequence state is missing (first publish, or
@@ -241,10 +242,15 @@ def encode_tail(tick: Tick) -> bytes:
 # Per symbol ARGV carries the epoch and seq the feed last got back: a cluster failover can bring
 # back a replica that missed the last writes, and seq numbers already handed out must not be
 # handed out again, so a seq found below that one (same epoch) is moved up to it. Then the
-# symbol's ticks as one argument: their bodies as one JSON array (``tick_body``, encoded in one
-# call), split at ``},{`` (no tick field's value can hold a brace: numbers, and strings that are
-# symbols or sides), so the call carries a few arguments per symbol, not two per tick. A body's
-# second field tells its kind: ``price`` (a trade) or ``bid`` (a quote), after ``ts``.
+# symbol's ticks as one argument: their events as one JSON array (``tick_event``, encoded in
+# one call), numbered on from that seq. A symbol has one publisher, so that is what the script
+# finds (same epoch, seq not past it) on every publish but a symbol's first, one after Redis
+# lost its data or another publisher's: the events are then published as they came, and the
+# last trade and quote events (two more arguments) become the latest; no work per tick. Else
+# (and for a symbol with upstream gaps to splice in) the script numbers the events itself: it
+# splits the array at ``},{`` (no tick field's value can hold a brace: numbers, and strings
+# that are symbols or sides), reads each event's kind from its type and keeps what follows
+# its seq.
 PUBLISH_BATCH_LUA = r"""
 local maxhist = tonumber(ARGV[1])
 local nsyms = tonumber(ARGV[2])
@@ -264,7 +270,7 @@ if batch ~= '' and redis.call('HGET', KEYS[4], publisher) == batch then
     out[#out + 1] = ARGV[i]
     out[#out + 1] = redis.call('HGET', hkey, 'epoch')
     out[#out + 1] = tonumber(redis.call('HGET', hkey, 'seq'))
-    i = i + 6 + 2 * tonumber(ARGV[i + 4])
+    i = i + 8 + 2 * tonumber(ARGV[i + 4])
   end
   return out
 end
@@ -285,60 +291,74 @@ for g = 1, nsyms do
     gaps[q] = {tonumber(ARGV[i]), ARGV[i + 1]}
     i = i + 2
   end
-  local blob = ARGV[i]
-  local pos = 3  -- the first body's first field, after '[{'
-  i = i + 1
+  local given_trade = ARGV[i]
+  local given_quote = ARGV[i + 1]
+  local blob = ARGV[i + 2]
+  i = i + 3
   local hkey = KEYS[3 + 2 * g]
   local skey = KEYS[4 + 2 * g]
-  if known_seq > 0 and redis.call('HGET', hkey, 'epoch') == known_epoch then
-    local had = tonumber(redis.call('HGET', hkey, 'seq') or '0')
-    if had < known_seq then
-      redis.call('HSET', hkey, 'seq', known_seq)
-    end
-  end
-  local last = redis.call('HINCRBY', hkey, 'seq', n)
-  local first = last - n + 1
-  local prefix = ''
   local epoch = redis.call('HGET', hkey, 'epoch')
-  if (not epoch) or first == 1 then
-    local t = redis.call('TIME')
-    epoch = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
-    redis.call('HSET', hkey, 'epoch', epoch)
-    redis.call('DEL', skey)
-    redis.call('SADD', KEYS[1], sym)
-    prefix = '{"type":"status","code":"epoch_changed","sym":"' .. sym .. '","epoch":' .. epoch ..
-      ',"message":"sequence (re)started at seq 1; earlier seq numbers belong to the old epoch"},'
-  end
-  local parts = {}
+  local had = tonumber(redis.call('HGET', hkey, 'seq') or '0')
+  local first, last, frag
   local last_trade = nil
   local last_quote = nil
-  local q = 1
-  for k = 1, n do
-    local stop = string.find(blob, '},{', pos, true) or (#blob - 1)
-    local second = string.find(blob, ',"', pos, true)  -- '"ts":N,' then "price" or "bid"
-    local kind = (string.byte(blob, second + 2) == 112) and 'trade' or 'quote'
-    local tail = string.sub(blob, pos, stop)
-    pos = stop + 3
-    while q <= ngaps and gaps[q][1] == k do
-      local gap = '{"type":"status","code":"upstream_gap","sym":"' .. sym .. '","epoch":' ..
-        epoch .. ',"after_seq":' .. string.format('%d', first + k - 2) .. gaps[q][2]
-      parts[#parts + 1] = gap
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxgaps, '*', 'sym', sym, 'd', gap)
-      q = q + 1
+  local prefix = ''
+  if ngaps == 0 and known_seq > 0 and epoch == known_epoch and had <= known_seq then
+    -- As the publisher expected: its events are numbered from known_seq + 1 already.
+    first = known_seq + 1
+    last = known_seq + n
+    redis.call('HSET', hkey, 'seq', last)
+    frag = string.sub(blob, 2, -2)
+    if given_trade ~= '' then last_trade = given_trade end
+    if given_quote ~= '' then last_quote = given_quote end
+  else
+    if known_seq > 0 and epoch == known_epoch and had < known_seq then
+      redis.call('HSET', hkey, 'seq', known_seq)
     end
-    local ev = '{"type":"' .. kind .. '","sym":"' .. sym .. '","seq":' ..
-      string.format('%d', first + k - 1) .. ',' .. tail
-    parts[#parts + 1] = ev
-    if kind == 'trade' then last_trade = ev else last_quote = ev end
+    last = redis.call('HINCRBY', hkey, 'seq', n)
+    first = last - n + 1
+    if (not epoch) or first == 1 then
+      local t = redis.call('TIME')
+      epoch = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+      redis.call('HSET', hkey, 'epoch', epoch)
+      redis.call('DEL', skey)
+      redis.call('SADD', KEYS[1], sym)
+      prefix = '{"type":"status","code":"epoch_changed","sym":"' .. sym .. '","epoch":' ..
+        epoch .. ',"message":"sequence (re)started at seq 1; earlier seq numbers belong ' ..
+        'to the old epoch"},'
+    end
+    -- Each event: '{"type":"' kind '","sym":"' sym '","seq":' N ',' rest '}'
+    local head = '","sym":"' .. sym .. '","seq":'
+    local digits = 14 + #head  -- from an event's '{' to its seq's first digit
+    local parts = {}
+    local pos = 2  -- the first event's '{', after '['
+    local q = 1
+    for k = 1, n do
+      local stop = string.find(blob, '},{', pos, true) or (#blob - 1)
+      local kind = (string.byte(blob, pos + 9) == 116) and 'trade' or 'quote'  -- 't'
+      local rest = string.find(blob, ',', pos + digits, true)
+      local tail = string.sub(blob, rest + 1, stop)
+      pos = stop + 2
+      while q <= ngaps and gaps[q][1] == k do
+        local gap = '{"type":"status","code":"upstream_gap","sym":"' .. sym .. '","epoch":' ..
+          epoch .. ',"after_seq":' .. string.format('%d', first + k - 2) .. gaps[q][2]
+        parts[#parts + 1] = gap
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxgaps, '*', 'sym', sym, 'd', gap)
+        q = q + 1
+      end
+      local ev = '{"type":"' .. kind .. head .. string.format('%d', first + k - 1) .. ',' .. tail
+      parts[#parts + 1] = ev
+      if kind == 'trade' then last_trade = ev else last_quote = ev end
+    end
+    frag = table.concat(parts, ',')
   end
-  local frag = table.concat(parts, ',')
   redis.call('XADD', skey, 'MINID', '~', tostring(math.max(0, last - maxhist)),
     string.format('%d', first) .. '-0', 'n', n, 'd', frag)
   if last_trade and last_quote then
     redis.call('HSET', hkey, 'trade', last_trade, 'quote', last_quote)
   elseif last_trade then
     redis.call('HSET', hkey, 'trade', last_trade)
-  else
+  elseif last_quote then
     redis.call('HSET', hkey, 'quote', last_quote)
   end
   redis.call(pubcmd, chanprefix .. sym, prefix .. frag)
@@ -356,6 +376,22 @@ if batch ~= '' then
 end
 return out
 """
+
+
+def _last_of_each_kind(events: list[dict[str, object]]) -> tuple[bytes, bytes]:
+    """The last trade event and the last quote event of ``events`` as JSON (``b""``: none)."""
+    trade = quote = b""
+    for event in reversed(events):
+        if event["type"] == "trade":
+            if not trade:
+                trade = orjson.dumps(event)
+                if quote:
+                    break
+        elif not quote:
+            quote = orjson.dumps(event)
+            if trade:
+                break
+    return trade, quote
 
 
 def encode_upstream_gap(venue: str, first_id: int, last_id: int, detected_ns: int) -> bytes:
@@ -455,45 +491,52 @@ class Bus:
         ``gaps``: upstream gaps by ``id()`` of the tick each goes before. ``batch``: an id
         unique to this batch among ``publisher``'s; the same batch sent again (a retry after a
         lost reply) is answered with the state it left and is not applied twice."""
-        groups: dict[str, list[dict[str, object]]] = {}  # per symbol its ticks' bodies, in order
+        # Per symbol its ticks' events in order, numbered on from the seq it last got back.
+        groups: dict[str, tuple[list[dict[str, object]], int]] = {}
         marks: dict[str, list[bytes | str | int]] = {}
+        assigned = self._assigned
         for tick in ticks:
-            bodies = groups.get(tick.sym)
-            if bodies is None:
-                bodies = groups[tick.sym] = []
-            bodies.append(tick_body(tick))
+            sym = tick.sym
+            group = groups.get(sym)
+            if group is None:
+                known = assigned.get(sym)
+                group = groups[sym] = ([], known.seq if known else 0)
+            events, base = group
+            events.append(tick_event(tick, base + len(events) + 1))
             if gaps and id(tick) in gaps:
                 for gap in gaps[id(tick)]:
-                    marks.setdefault(tick.sym, []).extend((len(bodies), gap))
+                    marks.setdefault(sym, []).extend((len(events), gap))
         if not groups:
             return {}
         lay = self.layout
-        group = lay.group(next(iter(groups)))
+        group_no = lay.group(next(iter(groups)))
         keys = [
-            lay.symbols_key(group),
-            lay.log_key(group),
-            lay.upgaps_key(group),
-            lay.applied_key(group),
+            lay.symbols_key(group_no),
+            lay.log_key(group_no),
+            lay.upgaps_key(group_no),
+            lay.applied_key(group_no),
         ]
         args: list[bytes | str | int] = [
             self.history_per_symbol,
             len(groups),
             self.log_max_batches,
             "SPUBLISH" if lay.sharded else "PUBLISH",
-            lay.channel_prefix(group),
+            lay.channel_prefix(group_no),
             UPSTREAM_GAPS_KEPT,
             self.publisher,
             batch,
         ]
-        for sym, bodies in groups.items():
+        for sym, (events, base) in groups.items():
             keys.extend((lay.sym_key(sym), lay.hist_key(sym)))
-            known = self._assigned.get(sym)
-            args.extend((sym, len(bodies)))
+            known = assigned.get(sym)
+            args.extend((sym, len(events)))
             args.extend((str(known.epoch), known.seq) if known else ("", 0))
             gap_args = marks.get(sym, [])
             args.append(len(gap_args) // 2)
             args.extend(gap_args)
-            args.append(orjson.dumps(bodies))
+            # The latest trade and quote, should the script find the seq as expected.
+            args.extend(_last_of_each_kind(events) if base and not gap_args else (b"", b""))
+            args.append(orjson.dumps(events))
         out = await self._publish(keys=keys, args=args)
         states = {
             out[j].decode(): SeqState(int(out[j + 1]), int(out[j + 2]))
