@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.ticks import STORED_SCHEMA
-from tests.harness import Stack, corrupt_history_file, write_history
+from tests.harness import TLS, Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 
 T0 = int(dt.datetime(2026, 1, 2, 14, 30, tzinfo=dt.UTC).timestamp()) * 10**9
@@ -61,7 +61,8 @@ def _key(stack: Stack, scopes: tuple[str, ...] = ("historical",), symbols=None) 
 
 def _get(stack: Stack, path: str, key: str | None, **params: object) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.get(f"{stack.base}{path}", params=params, headers=headers, timeout=60)
+    return httpx.get(f"{stack.base}{path}", params=params, headers=headers, timeout=60,
+                     verify=TLS)  # fmt: skip
 
 
 def _gaps(stack: Stack, key: str | None, **params: object) -> httpx.Response:

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from server.ticks import STORED_SCHEMA
-from tests.harness import Stack, corrupt_history_file, write_history
+from tests.harness import TLS, Stack, corrupt_history_file, write_history
 from tests.test_recorder import published, wait_recorded
 
 COLUMNS = ["sym", "type", "ts", "epoch", "seq", "price", "size", "side", "bid", "ask"]
@@ -104,7 +104,8 @@ def _range(stack: Stack) -> tuple[int, int]:
 def _get(stack: Stack, key: str | None, headers: dict[str, str] | None = None, **params):
     h = {"Authorization": f"Bearer {key}"} if key else {}
     h.update(headers or {})
-    return httpx.get(f"{stack.base}/ticks/historical", params=params, headers=h, timeout=60)
+    return httpx.get(f"{stack.base}/ticks/historical", params=params, headers=h, timeout=60,
+                     verify=TLS)  # fmt: skip
 
 
 def _key(stack: Stack, scopes: tuple[str, ...] = ("historical",), symbols=None) -> str:

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 import websockets
 
-from tests.harness import Stack
+from tests.harness import TLS, Stack
 from tests.test_history_merge import DAY, SYMS, T0, build_store
 from tickpipe import SyncClient
 
@@ -53,6 +53,7 @@ def _get(stack: Stack, **params: object) -> httpx.Response:
         params=params,
         headers={"Authorization": f"Bearer {stack.secret}"},  # type: ignore[attr-defined]
         timeout=60,
+        verify=TLS,
     )
     assert r.status_code == 200, r.text
     return r
@@ -180,6 +181,7 @@ def test_arrow_options_that_do_not_apply_are_a_422(servers, params, says: str) -
         params={"symbols": "AAA", "start": T0, "end": T0 + DAY, **params},
         headers={"Authorization": f"Bearer {merged.secret}"},  # type: ignore[attr-defined]
         timeout=60,
+        verify=TLS,
     )
     assert r.status_code == 422
     assert says in r.json()["error"]["message"]

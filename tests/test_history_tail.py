@@ -9,7 +9,7 @@ import time
 import httpx
 import polars as pl
 
-from tests.harness import WAIT_S, Stack, eventually_sync
+from tests.harness import TLS, WAIT_S, Stack, eventually_sync
 from tests.test_recorder import count_stored, published
 
 SYMS = ["AAPL", "MSFT", "EURUSD"]
@@ -23,6 +23,7 @@ def _history(stack: Stack, start_ns: int, **params: object) -> httpx.Response:
                 "format": "ndjson", **params},
         headers={"Authorization": f"Bearer {key}"},
         timeout=WAIT_S,
+        verify=TLS,
     )  # fmt: skip
 
 

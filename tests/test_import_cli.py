@@ -10,7 +10,7 @@ import zipfile
 import duckdb
 
 from tests import forkserver
-from tests.harness import ROOT
+from tests.harness import ROOT, TLS
 
 TARDIS_TRADES = (
     "exchange,symbol,timestamp,local_timestamp,id,side,price,amount\r\n"
@@ -245,7 +245,7 @@ def test_suspicious_rows_are_stored_flagged_and_filterable_over_rest(tmp_path) -
                 f"{stack.base}/ticks/historical",
                 params={"symbols": "IBM", "start": "2013-10-07T13:00:00Z",
                         "end": "2013-10-08T00:00:00Z", **params},
-                headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                headers={"Authorization": f"Bearer {key}"}, timeout=60, verify=TLS,
             )  # fmt: skip
             assert r.status_code == 200, r.text
             return r.json()["rows"]
@@ -254,7 +254,7 @@ def test_suspicious_rows_are_stored_flagged_and_filterable_over_rest(tmp_path) -
         assert [r["flags"] for r in every] == [None, None, None, "suspicious"]
         assert [r["bid"] for r in rows(flagged="only")] == [185.0]
         assert len(rows(flagged="exclude")) == 3
-        bad = httpx.get(f"{stack.base}/ticks/historical", timeout=60,
+        bad = httpx.get(f"{stack.base}/ticks/historical", timeout=60, verify=TLS,
                         params={"symbols": "IBM", "start": "2013-10-07T13:00:00Z",
                                 "end": "2013-10-08T00:00:00Z", "flagged": "maybe"},
                         headers={"Authorization": f"Bearer {key}"})  # fmt: skip

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from server.live.bus import Bus
 from server.mcp import contract
 from server.ticks import Quote, Trade
-from tests.harness import ROOT, WAIT_S, Stack, eventually, write_history
+from tests.harness import ROOT, TLS, WAIT_S, Stack, eventually, write_history
 from tests.test_replay import END, ROWS, SYMS, T0
 
 TRANSPORTS = ["http", "stdio"]
@@ -96,7 +96,7 @@ async def connect(
     """An MCP client of the stack: over HTTP with the key as bearer, or over stdio with
     ``tickpipe mcp`` started with the key in TICKPIPE_KEY."""
     if transport == "http":
-        async with httpx2.AsyncClient(headers=auth(key), timeout=WAIT_S) as http:
+        async with httpx2.AsyncClient(headers=auth(key), timeout=WAIT_S, verify=TLS) as http:
             url = f"{stack.base}/mcp"
             server = streamable_http_client(url, http_client=http)
             async with Client(server, mode=mode, message_handler=on_message) as client:
@@ -223,7 +223,7 @@ async def test_each_tool_answers_what_rest_answers(stack: Stack, transport: str)
     [content] = summary.content
     assert isinstance(content, types.TextContent) and len(content.text.splitlines()) <= 6
 
-    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+    async with httpx.AsyncClient(timeout=WAIT_S, verify=TLS) as http:
         exported = await http.get(export["url"], headers=auth(key))
     assert exported.status_code == 200
     assert exported.headers["content-type"] == export["media_type"]
@@ -302,7 +302,7 @@ async def test_key_limited_to_aapl_cannot_see_msft_through_any_tool_or_resource(
 async def test_missing_or_wrong_key_is_refused_over_http_with_the_rest_message(
     stack: Stack,
 ) -> None:
-    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+    async with httpx.AsyncClient(timeout=WAIT_S, verify=TLS) as http:
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
         for headers in ({}, auth("tp_not-a-key")):
             r = await http.post(f"{stack.base}/mcp", json=body, headers=headers)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from server.history.store import scan
-from tests.harness import WAIT_S, Stack, eventually, eventually_sync
+from tests.harness import TLS, WAIT_S, Stack, eventually, eventually_sync
 
 
 def published(stack: Stack) -> dict[str, tuple[int, int]]:
@@ -326,7 +326,10 @@ def test_a_full_disk_stops_acknowledging_and_loses_nothing(tmp_path) -> None:
 
         def recorder_part() -> dict:
             status = httpx.get(
-                f"{s.base}/status", headers={"Authorization": f"Bearer {admin}"}, timeout=WAIT_S
+                f"{s.base}/status",
+                headers={"Authorization": f"Bearer {admin}"},
+                timeout=WAIT_S,
+                verify=TLS,
             )
             return next(p for p in status.json()["services"] if p["id"] == "recorder")
 

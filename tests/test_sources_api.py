@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import yaml
 from jsonschema import Draft202012Validator
 
-from tests.harness import ROOT, WAIT_S, Stack, eventually, next_event, recv_events, send
+from tests.harness import ROOT, TLS, WAIT_S, Stack, eventually, next_event, recv_events, send
 from tests.test_sources import COINBASE, _coinbase_expected, running
 from tests.venues import FakeVenue
 
@@ -219,7 +219,7 @@ async def test_every_web_process_lists_the_same_sources(stack: Stack) -> None:
             proc, port = stack.other_web("web-late")
             try:
                 async with httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S
+                    base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S, verify=TLS
                 ) as late:
                     r = await eventually(
                         lambda: late.get("/sources", headers=admin),

@@ -11,7 +11,7 @@ import httpx
 import psutil
 import websockets
 
-from tests.harness import WAIT_S, Stack, eventually, send
+from tests.harness import TLS, WAIT_S, Stack, eventually, send
 
 
 def server_peers(stack: Stack) -> set[int]:
@@ -83,7 +83,8 @@ async def test_request_heads_that_never_finish_get_408_and_are_closed(own_stack)
         (b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: ", True),
     ]
     answers = asyncio.gather(*(partial(*heads[i % 4]) for i in range(40)))
-    async with httpx.AsyncClient(base_url=s.base, timeout=WAIT_S) as http:  # meanwhile, all is well
+    # meanwhile, all is well
+    async with httpx.AsyncClient(base_url=s.base, timeout=WAIT_S, verify=TLS) as http:
         assert (await http.get("/healthz")).status_code == 200
     for answer in await answers:
         if answer == RESET:
