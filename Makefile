@@ -43,19 +43,26 @@ run: setup
 	@mkdir -p data
 	$(BIN)/honcho start -f Procfile
 
-# Four workers on two cores: most of a test's time is spent waiting on its own Redis, web and
-# feed processes. A module's tests stay on one worker (--dist loadfile: its fixtures start once).
-# Tests marked `alone` (a thousand sockets at once; the schemathesis fuzz, whose items share one
-# node id and so cannot be told apart by pytest-xdist) run afterwards, one at a time, from the
-# files that mark any; both passes always run and either failing fails the target. Only the fuzz
-# needs the schemathesis and hypothesis plugins: the first pass leaves them and its file out
-# (each pytest process, each worker too, took 4 s more to start with them). The 15 slowest tests
-# are listed at the end.
-ALONE_FILES = $(shell grep -l 'mark\.alone' tests/test_*.py)
+# Six workers on two cores: most of a test's time is spent waiting on its own Redis, web and
+# feed processes (four workers left a third of the machine idle). A module's tests stay on one
+# worker (--dist loadfile: its fixtures start once); the longest modules go first
+# (LONGEST_FIRST in tests/conftest.py, an order --no-loadscope-reorder keeps). The schemathesis
+# fuzz (FUZZ: its items share one node id, so pytest-xdist cannot run them) runs beside that pass
+# in a pytest process of its own, its output printed after the pass's; it alone needs the
+# schemathesis and hypothesis plugins, which the other passes leave out (each pytest process,
+# each worker too, took 4 s more to start with them). Tests marked `alone` (a thousand sockets
+# at once) run last, one at a time, from the files that mark any. Every pass always runs and any
+# failing fails the target; the 15 slowest tests of the parallel pass are listed.
+FUZZ = tests/test_rest_fuzz.py
+ALONE_FILES = $(filter-out $(FUZZ),$(shell grep -l 'mark\.alone' tests/test_*.py))
+NO_FUZZ_PLUGINS = -p no:schemathesis -p no:hypothesispytest
 test: lint
-	@rc=0; $(BIN)/pytest -n 4 --dist loadfile -m 'not alone' --durations=15 \
-	  -p no:schemathesis -p no:hypothesispytest --ignore=tests/test_rest_fuzz.py || rc=$$?; \
-	  $(BIN)/pytest -m alone $(ALONE_FILES) || rc=$$((rc ? rc : $$?)); exit $$rc
+	@rc=0; log=$$(mktemp); \
+	  $(BIN)/pytest -m alone $(FUZZ) </dev/null >$$log 2>&1 & fuzz=$$!; \
+	  $(BIN)/pytest -n 6 --dist loadfile --no-loadscope-reorder -m 'not alone' --durations=15 \
+	    $(NO_FUZZ_PLUGINS) --ignore=$(FUZZ) || rc=$$?; \
+	  wait $$fuzz || rc=$$((rc ? rc : $$?)); cat $$log; rm -f $$log; \
+	  $(BIN)/pytest -m alone $(NO_FUZZ_PLUGINS) $(ALONE_FILES) || rc=$$((rc ? rc : $$?)); exit $$rc
 
 # ruff, the import contracts in pyproject.toml (layers, no cycles, the client stands alone) and
 # mypy (strict) on server/ and tickpipe/.
