@@ -318,6 +318,92 @@ def test_alpaca_data_points_become_ticks_and_the_rest_is_counted() -> None:
         assert [name for name, _ in sink.calls] == ["malformed"] and not sink.ticks
 
 
+def test_alpacas_typed_reading_gives_what_reading_point_by_point_gives() -> None:
+    """A frame of trades and quotes only is decoded typed (``on_message``); any other frame
+    point by point (``_frame``). Both give the same ticks, keys and counts for the frames the
+    typed decoding takes, and a frame it refuses (a price as a string, another kind of point)
+    still gives its trades and quotes."""
+    trade, quote = (orjson.loads(p) for p in lines("alpaca/stocks_v2_data_points_docs.jsonl")[:2])
+    crypto = {"T": "t", "S": "BTC/USD", "p": 47000.5, "s": 0.0123, "i": 5, "tks": "B",
+              "t": "2022-05-01T00:00:00.123456789Z", "x": "CBSE"}  # fmt: skip
+    frames = [
+        [trade, quote],
+        [quote, {**trade, "i": 96922, "x": "V", "t": "2021-02-22T15:51:45Z"}, {**quote, "bs": 3}],
+        [{**trade, "S": "MSFT"}, trade],  # a symbol not subscribed: counted, the rest published
+        [{**trade, "t": "not a time"}, quote],  # a bad time: that point malformed
+        [{**quote, "t": "2021-02-22T15:51:45.335689322+00:00"}, trade],
+        [{**trade, "p": 126, "s": 100}],  # JSON integers
+        [{k: v for k, v in trade.items() if k != "x"}],  # no exchange
+        [crypto, {**crypto, "i": 6, "tks": "S"}, {**crypto, "i": 7, "tks": "?"}],
+        [],
+    ]
+    for kind, names in (("alpaca", {"AAPL": "AAPL", "AMD": "AMD"}),
+                        ("alpaca-crypto", {"BTC/USD": "BTC/USD"})):  # fmt: skip
+        for frame in frames:
+            typed, by_point = _Collect(), _Collect()
+            ADAPTERS[kind](names, typed, {}).on_message(orjson.dumps(frame), 5)
+            ADAPTERS[kind](names, by_point, {})._frame(orjson.dumps(frame), 5)
+            seen = (typed.ticks, typed.keys, typed.calls)
+            assert seen == (by_point.ticks, by_point.keys, by_point.calls), (kind, frame)
+    sink = _Collect()
+    frame = [{**trade, "p": "126.55"}, quote, {"T": "b", "S": "AAPL"}]  # refused by the typing
+    ADAPTERS["alpaca"]({"AAPL": "AAPL", "AMD": "AMD"}, sink, {}).on_message(orjson.dumps(frame), 5)
+    assert [t.price if isinstance(t, Trade) else t.bid for t in sink.ticks] == [126.55, 87.66]
+    assert sink.calls == [("unexpected", "data point 'b'")]
+
+
+def test_typed_decoding_reads_every_decimal_as_float_does() -> None:
+    """msgspec's number parser (Alpaca's and Kraken's data messages) gives the double that
+    ``float()`` gives for the same text: the venue's decimal, nearest double, for 20,000
+    random decimals of 1 to 17 significant digits and exponents -12..12 and a few hard ones."""
+    rng = random.Random(12)
+    texts = ["0.1", "0.3", "126.55", "8.745e-05", "0.00000001", "1e-7", "99999999999999.99",
+             "2.2250738585072014e-308", "9007199254740993",
+             "0.1000000000000000055511151231257827"]  # fmt: skip
+    for _ in range(20_000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 17)))
+        digits = str(rng.randint(1, 9)) + digits[1:]
+        point = rng.randint(0, len(digits))
+        text = (digits[:point] or "0") + ("." + digits[point:] if point < len(digits) else "")
+        texts.append(text + (f"e{rng.randint(-12, 12)}" if rng.random() < 0.3 else ""))
+    quote = lines("alpaca/stocks_v2_data_points_docs.jsonl")[1]
+    frame = "[" + ",".join(quote.replace('"bp":87.66', f'"bp":{t}') for t in texts) + "]"
+    sink = _Collect()
+    ADAPTERS["alpaca"]({"AMD": "AMD"}, sink, {}).on_message(frame, 5)
+    assert not sink.calls and [q.bid for q in sink.ticks] == [float(t) for t in texts]
+
+
+def test_krakens_typed_reading_gives_what_reading_the_message_gives() -> None:
+    """A trade, ticker or heartbeat message is decoded typed (``on_message``); any other one
+    read whole (``_message``). Both give the same ticks, snapshot flags and counts for the
+    messages the typed decoding takes."""
+    trades = orjson.loads(lines("kraken/v2_trade_docs.jsonl")[0])
+    ticker = orjson.loads(lines("kraken/v2_ticker_docs.jsonl")[0])
+    t0, q0 = trades["data"][0], ticker["data"][0]
+    messages = [
+        trades,
+        ticker,
+        {**trades, "type": "update"},
+        {**ticker, "type": "update", "data": [{k: v for k, v in q0.items() if k != "timestamp"}]},
+        {**trades, "data": [{**t0, "symbol": "XBT/USD"}, {**t0, "side": "sell"}]},
+        {**trades, "data": [{**t0, "side": "?", "price": 1, "qty": 2}]},  # JSON integers
+        {**trades, "data": [t0, {**t0, "timestamp": "not a time"}, t0]},  # the message fails
+        {"channel": "heartbeat"},
+        {**trades, "data": []},
+    ]
+    names = {"MATIC/USD": "MATIC/USD", "ALGO/USD": "ALGO/USD"}
+    for msg in messages:
+        typed, whole = _Collect(), _Collect()
+        ADAPTERS["kraken"](names, typed, {}).on_message(orjson.dumps(msg), 5)
+        ADAPTERS["kraken"](names, whole, {})._message(orjson.dumps(msg), 5)
+        seen = (typed.ticks, typed.snapshots, typed.calls)
+        assert seen == (whole.ticks, whole.snapshots, whole.calls), msg
+    sink = _Collect()
+    refused = {**trades, "data": [{**t0, "price": "0.5147"}]}  # refused by the typing
+    ADAPTERS["kraken"](names, sink, {}).on_message(orjson.dumps(refused), 5)
+    assert [t.price for t in sink.ticks] == [0.5147] and not sink.calls
+
+
 def test_continuity_drops_replays_and_finds_holes_in_trade_ids() -> None:
     c = Continuity(consecutive_trade_ids=True)
     assert c.trade("X", 10, 0) == (True, None)

@@ -3,11 +3,14 @@ that turns each venue message into calls on a ``Sink`` (ticks, subscription repl
 
 An adapter knows one venue's protocol and nothing about reconnects, Redis or figures; the
 session (``server.feed.sources.session``) drives it. Adapters parse with orjson and build ticks
-directly: no per-message model objects on this path.
+directly: no per-message model objects on this path. Alpaca's and Kraken's trade and quote
+messages (JSON numbers among many fields the adapter does not read) are decoded typed with
+msgspec instead: straight into the fields read, the rest skipped; any message the typed
+decoding refuses is read with orjson as before, so both give the same ticks and counts.
 
 Decimals: Binance and Coinbase send prices and sizes as decimal strings, Kraken and Alpaca as
-JSON numbers. Each is read once, with ``float()`` or orjson's correctly rounded number parser,
-which gives the double nearest to the venue's decimal; a double holds 15
+JSON numbers. Each is read once, with ``float()`` or orjson's or msgspec's correctly rounded
+number parser, which gives the double nearest to the venue's decimal; a double holds 15
 significant digits exactly, so the shortest text of that double (what orjson writes on the
 wire, what Polars and ``repr`` print) is the venue's own decimal again, trailing zeros aside.
 No arithmetic is ever done on a price or size before it is published.

@@ -12,14 +12,58 @@ inferred from them.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
+import msgspec
 import orjson
 
 from server.feed.sources.adapter import Adapter, ns_from_iso, venue_int
 from server.ticks import Quote, Trade
 
 _TAKER = {"B": "buy", "S": "sell"}
+
+
+class _Trade(msgspec.Struct, tag_field="T", tag="t"):
+    """A trade data point: the fields read, of the documented types (a JSON integer size or
+    price becomes a float, as ``float()`` makes it; other fields of the point are skipped)."""
+
+    S: str
+    t: str
+    p: float
+    s: float
+    i: int
+    x: str | None = None  # the exchange (stocks)
+    tks: str | None = None  # the taker's side (crypto)
+
+
+class _Quote(msgspec.Struct, tag_field="T", tag="q"):
+    """A quote data point: the fields read."""
+
+    S: str
+    t: str
+    bp: float
+    bs: float
+    ap: float
+    as_: float = msgspec.field(name="as")
+
+
+# A frame of trade and quote points, typed: anything else fails to decode (``_frame`` reads it).
+_DATA_POINTS = msgspec.json.Decoder(list[_Trade | _Quote])
+
+
+def _trade_of(p: dict[str, Any]) -> _Trade:
+    """A trade point the typed decoding refused, read field by field."""
+    taker = p.get("tks")
+    return _Trade(p["S"], p["t"], float(p["p"]), float(p["s"]), venue_int(p["i"]), p.get("x"),
+                  None if taker is None else str(taker))  # fmt: skip
+
+
+def _quote_of(p: dict[str, Any]) -> _Quote:
+    """A quote point the typed decoding refused, read field by field."""
+    return _Quote(p["S"], p["t"], float(p["bp"]), float(p["bs"]), float(p["ap"]), float(p["as"]))
+
+
 # Errors after which reconnecting cannot help: the key or the plan must change.
 _FINAL = {402: "auth failed", 409: "insufficient subscription"}
 
@@ -46,6 +90,45 @@ class AlpacaStocks(Adapter):
         return orjson.dumps({"action": "subscribe", "trades": syms, "quotes": syms}).decode()
 
     def on_message(self, raw: str | bytes, recv_ns: int) -> None:
+        # A frame of trades and quotes only, nearly every frame, is decoded straight into the
+        # fields read (msgspec, typed: the rest of each point is skipped, not built); any other
+        # frame (a control message, another kind of point, a field not of the documented type)
+        # is read point by point by ``_frame``, which counts what it cannot publish.
+        try:
+            points = _DATA_POINTS.decode(raw)
+        except msgspec.DecodeError:
+            self._frame(raw, recv_ns)
+            return
+        self._ticks(points, recv_ns)
+
+    def _ticks(self, points: Iterable[_Trade | _Quote], recv_ns: int) -> None:
+        """Trades and quotes as ticks; a point whose time is not one is counted, the rest go on."""
+        sink = self.sink
+        names, venue, by_exchange = self.names, self.venue, self.ids_per_exchange
+        trade, quote = sink.trade, sink.quote
+        for p in points:
+            try:
+                sym = names.get(p.S)
+                if isinstance(p, _Trade):
+                    if sym is None:
+                        self.symbol(p.S, "trade")
+                        continue
+                    taker = p.tks
+                    tick = Trade(sym, ns_from_iso(p.t), p.p, p.s,
+                                 None if taker is None else _TAKER.get(taker), venue, p.i,
+                                 recv_ns)  # fmt: skip
+                    trade(tick, (p.x, p.i) if by_exchange else None)
+                elif sym is None:
+                    self.symbol(p.S, "quote")
+                else:
+                    quote(Quote(sym, ns_from_iso(p.t), p.bp, p.bs, p.ap, p.as_, venue, recv_ns))
+            except (TypeError, ValueError) as exc:
+                sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
+
+    def _frame(self, raw: str | bytes, recv_ns: int) -> None:
+        """Read a frame point by point: trades and quotes as ``on_message`` does (what the
+        typed decoding refused, e.g. a price sent as a string, judged as ``float()`` judges
+        it), every other point by ``_point``; a point that cannot be read is counted."""
         sink = self.sink
         try:
             points = orjson.loads(raw)
@@ -55,27 +138,13 @@ class AlpacaStocks(Adapter):
         if not isinstance(points, list):
             sink.malformed("not a JSON array of data points")
             return
-        # Trades and quotes, nearly every point, are read here in the loop (no call per point
-        # but the sink's); the rest in _point.
-        names, venue, by_exchange = self.names, self.venue, self.ids_per_exchange
-        trade, quote = sink.trade, sink.quote
         for p in points:
             try:
                 kind = p["T"]
-                if kind == "t" or kind == "q":
-                    venue_sym = p["S"]
-                    sym = names.get(venue_sym) if type(venue_sym) is str else None
-                    if sym is None:
-                        self.symbol(venue_sym, "trade" if kind == "t" else "quote")
-                    elif kind == "t":
-                        taker = p.get("tks")  # crypto only
-                        tick = Trade(sym, ns_from_iso(p["t"]), float(p["p"]), float(p["s"]),
-                                     None if taker is None else _TAKER.get(str(taker)), venue,
-                                     venue_int(p["i"]), recv_ns)  # fmt: skip
-                        trade(tick, (p.get("x"), tick.trade_id) if by_exchange else None)
-                    else:
-                        quote(Quote(sym, ns_from_iso(p["t"]), float(p["bp"]), float(p["bs"]),
-                                    float(p["ap"]), float(p["as"]), venue, recv_ns))  # fmt: skip
+                if kind == "t":
+                    self._ticks((_trade_of(p),), recv_ns)
+                elif kind == "q":
+                    self._ticks((_quote_of(p),), recv_ns)
                 else:
                     self._point(p, kind)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:

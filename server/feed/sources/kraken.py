@@ -10,14 +10,69 @@ reconnect it fills a short hole, and what was already published is dropped as a 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
+import msgspec
 import orjson
 
 from server.feed.sources.adapter import Adapter, named_in, ns_from_iso, venue_int
 from server.ticks import Quote, Trade
 
 _CHANNELS = ("trade", "ticker")
+
+
+class _Trade(msgspec.Struct):
+    """A trade of a ``trade`` message: the fields read, of the documented types (a JSON integer
+    price or size becomes a float, as ``float()`` makes it; the rest is skipped)."""
+
+    symbol: str
+    side: str
+    price: float
+    qty: float
+    trade_id: int
+    timestamp: str
+
+
+class _Ticker(msgspec.Struct):
+    """A ``ticker`` entry: its best bid/ask (the day's figures are skipped)."""
+
+    symbol: str
+    bid: float
+    bid_qty: float
+    ask: float
+    ask_qty: float
+    timestamp: str | None = None
+
+
+class _Trades(msgspec.Struct, tag_field="channel", tag="trade"):
+    type: str
+    data: list[_Trade]
+
+
+class _Tickers(msgspec.Struct, tag_field="channel", tag="ticker"):
+    type: str
+    data: list[_Ticker]
+
+
+class _Heartbeat(msgspec.Struct, tag_field="channel", tag="heartbeat"):
+    pass
+
+
+# A trade, ticker or heartbeat message, typed: anything else fails to decode (``_message``).
+_DATA = msgspec.json.Decoder(_Trades | _Tickers | _Heartbeat)
+
+
+def _trade_of(t: dict[str, Any]) -> _Trade:
+    """A trade the typed decoding refused, read field by field."""
+    return _Trade(t["symbol"], t["side"], float(t["price"]), float(t["qty"]),
+                  venue_int(t["trade_id"]), t["timestamp"])  # fmt: skip
+
+
+def _ticker_of(q: dict[str, Any]) -> _Ticker:
+    """A ticker entry the typed decoding refused, read field by field."""
+    return _Ticker(q["symbol"], float(q["bid"]), float(q["bid_qty"]), float(q["ask"]),
+                   float(q["ask_qty"]), q.get("timestamp"))  # fmt: skip
 
 
 class Kraken(Adapter):
@@ -45,43 +100,62 @@ class Kraken(Adapter):
         ]  # fmt: skip
 
     def on_message(self, raw: str | bytes, recv_ns: int) -> None:
-        sink, names, venue = self.sink, self.names, self.venue
+        # A trade, ticker or heartbeat message, nearly every one, is decoded straight into the
+        # fields read (msgspec, typed: a ticker's day figures are skipped, not built); any other
+        # message (an acknowledgement, an error, a field not of the documented type) is read by
+        # ``_message``, which counts what it cannot publish.
+        try:
+            msg = _DATA.decode(raw)
+        except msgspec.DecodeError:
+            self._message(raw, recv_ns)
+            return
+        try:
+            if type(msg) is _Trades:
+                self._trades(msg.data, msg.type == "snapshot", recv_ns)
+            elif type(msg) is _Tickers:
+                self._tickers(msg.data, msg.type == "snapshot", recv_ns)
+        except ValueError as exc:  # a time that is not one: the rest of the message is not read
+            self.sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
+
+    def _trades(self, trades: Iterable[_Trade], snapshot: bool, recv_ns: int) -> None:
+        """The trades of a message (``snapshot``: what traded before subscribing); a symbol this
+        source did not subscribe is counted by ``symbol``."""
+        names, venue, trade = self.names, self.venue, self.sink.trade
+        for t in trades:
+            sym = names.get(t.symbol)
+            if sym is None:
+                self.symbol(t.symbol, "trade")
+                continue
+            side = t.side
+            trade(Trade(sym, ns_from_iso(t.timestamp), t.price, t.qty,
+                        side if side == "buy" or side == "sell" else None, venue, t.trade_id,
+                        recv_ns), snapshot=snapshot)  # fmt: skip
+
+    def _tickers(self, tickers: Iterable[_Ticker], snapshot: bool, recv_ns: int) -> None:
+        """The best bids/asks of a ticker message, as ``_trades``; without the venue's time,
+        the receive time stands in."""
+        names, venue, quote = self.names, self.venue, self.sink.quote
+        for q in tickers:
+            sym = names.get(q.symbol)
+            if sym is None:
+                self.symbol(q.symbol, "ticker")
+                continue
+            ts = q.timestamp
+            quote(Quote(sym, ns_from_iso(ts) if ts else recv_ns, q.bid, q.bid_qty, q.ask,
+                        q.ask_qty, venue, recv_ns), snapshot=snapshot)  # fmt: skip
+
+    def _message(self, raw: str | bytes, recv_ns: int) -> None:
+        """Read a message the typed decoding did not take: trades and tickers as ``on_message``
+        does (what the typing refused, e.g. a price sent as a string, judged as ``float()``
+        judges it, entry by entry), acknowledgements, the rest counted."""
         try:
             msg = orjson.loads(raw)
             channel = msg.get("channel")
             snapshot = msg.get("type") == "snapshot"  # what was there before subscribing
-            # Trades and quotes, nearly every message, are read here in the loop (a symbol
-            # this source did not subscribe is counted by ``symbol``).
             if channel == "trade":
-                trade = sink.trade
-                for t in msg["data"]:
-                    venue_sym = t["symbol"]
-                    sym = names.get(venue_sym) if type(venue_sym) is str else None
-                    if sym is None:
-                        self.symbol(venue_sym, "trade")
-                        continue
-                    side = t["side"]
-                    trade(
-                        Trade(sym, ns_from_iso(t["timestamp"]), float(t["price"]),
-                              float(t["qty"]), side if side == "buy" or side == "sell" else None,
-                              venue, venue_int(t["trade_id"]), recv_ns),
-                        snapshot=snapshot,
-                    )  # fmt: skip
+                self._trades((_trade_of(t) for t in msg["data"]), snapshot, recv_ns)
             elif channel == "ticker":
-                quote = sink.quote
-                for q in msg["data"]:
-                    venue_sym = q["symbol"]
-                    sym = names.get(venue_sym) if type(venue_sym) is str else None
-                    if sym is None:
-                        self.symbol(venue_sym, "ticker")
-                        continue
-                    ts = q.get("timestamp")
-                    quote(
-                        Quote(sym, ns_from_iso(ts) if ts else recv_ns, float(q["bid"]),
-                              float(q["bid_qty"]), float(q["ask"]), float(q["ask_qty"]),
-                              venue, recv_ns),
-                        snapshot=snapshot,
-                    )  # fmt: skip
+                self._tickers((_ticker_of(q) for q in msg["data"]), snapshot, recv_ns)
             elif channel in ("heartbeat", "status"):
                 pass
             elif msg.get("method") == "subscribe":
@@ -89,9 +163,9 @@ class Kraken(Adapter):
             elif msg.get("method") == "pong":
                 pass
             else:
-                sink.unexpected(f"channel {str(channel)[:32]!r}")
+                self.sink.unexpected(f"channel {str(channel)[:32]!r}")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
+            self.sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
 
     def _ack(self, msg: dict[str, object]) -> None:
         if msg.get("success") is True:
