@@ -7,9 +7,12 @@ and publishes (issue 12; target: 100,000 messages/s per feed process).
 Per source, a stream of ``--messages`` venue messages is built from the captured messages of
 ``tests/data/venues`` (the trades and quotes each adapter publishes: Binance spot aggTrade and
 bookTicker, Binance USD-M futures trade and bookTicker, Coinbase match and ticker, Kraken v2
-trade and ticker, Alpaca trade and quote), cycled in their captured order with the venue's ids
-renumbered (trade ids and book update ids go on one by one per symbol from the captured ones,
-so no message is a duplicate or leaves a hole); every other field is the captured text. The
+trade and ticker, the data frames of Alpaca's documented SIP session as the venue framed them:
+a quote, three trades in one frame, a quote; ``alpaca-paired``: the documented trade and quote
+examples in one frame, the Alpaca stream of earlier runs), cycled in their captured order with
+the venue's ids renumbered (trade ids and book update ids go on one by one per symbol from the
+captured ones, so no message is a duplicate or leaves a hole); every other field is the captured
+text. The
 stream is then read as fast as the process goes through the source's real path: the adapter's
 parser and normalisation and the session's continuity checks and latency window, in the
 source's task, while the tickerplant's own loop (default settings: a batch every 10 ms)
@@ -59,7 +62,7 @@ from server.feed.sources import ADAPTERS, VenueFeed  # noqa: E402
 from server.feed.sources.adapter import Adapter  # noqa: E402
 from server.feed.tickerplant import Tickerplant, settle_heap  # noqa: E402
 from tests.harness import RedisProcess  # noqa: E402
-from tests.venues import FakeVenue, lines  # noqa: E402
+from tests.venues import FakeVenue, lines, received  # noqa: E402
 
 TARGET = 100_000
 CHUNK = 100  # messages read between two turns of the event loop
@@ -155,16 +158,25 @@ def kraken(n: int) -> tuple[list[str], dict[str, str]]:
     return _cycle(captured, n, renumber), {"MATIC/USD": "MATIC/USD", "ALGO/USD": "ALGO/USD"}
 
 
+def _alpaca_renumber(msg: list[dict[str, Any]], ids: Ids) -> list[dict[str, Any]]:
+    return [{**p, "i": ids(p["S"], "i", p["i"])} if p["T"] == "t"
+            else {**p, "bs": p["bs"] + ids(p["S"], "q", 0)} for p in msg]  # fmt: skip
+
+
 def alpaca(n: int) -> tuple[list[str], dict[str, str]]:
+    """The data frames of Alpaca's documented SIP session, as the venue framed them: a quote;
+    three trades in one frame; a quote (5 points in 3 frames)."""
+    captured = received("alpaca/stocks_v2_sip_wscat_docs.txt")[3:]  # after the subscription
+    return _cycle(captured, n, _alpaca_renumber), {"AAPL": "AAPL", "AMD": "AMD"}
+
+
+def alpaca_paired(n: int) -> tuple[list[str], dict[str, str]]:
+    """Frames of two points: the documented trade and quote examples in one array (the Alpaca
+    stream of the runs before 2026-12-01's last)."""
     points = [p for p in lines("alpaca/stocks_v2_data_points_docs.jsonl") if '"T":"t"' in p
               or '"T":"q"' in p]  # fmt: skip
     captured = ["[" + ",".join(points) + "]"]
-
-    def renumber(msg: list[dict[str, Any]], ids: Ids) -> list[dict[str, Any]]:
-        return [{**p, "i": ids(p["S"], "i", p["i"])} if p["T"] == "t"
-                else {**p, "bs": p["bs"] + ids(p["S"], "q", 0)} for p in msg]  # fmt: skip
-
-    return _cycle(captured, n, renumber), {"AAPL": "AAPL", "AMD": "AMD"}
+    return _cycle(captured, n, _alpaca_renumber), {"AAPL": "AAPL", "AMD": "AMD"}
 
 
 STREAMS: dict[str, Callable[[int], tuple[list[str], dict[str, str]]]] = {
@@ -173,11 +185,14 @@ STREAMS: dict[str, Callable[[int], tuple[list[str], dict[str, str]]]] = {
     "coinbase": coinbase,
     "kraken": kraken,
     "alpaca": alpaca,
+    "alpaca-paired": alpaca_paired,
 }
+# A stream's venue, where its name is not one.
+VENUE_OF = {"alpaca-paired": "alpaca"}
 
 
 def _adapter(kind: str) -> type[Adapter]:
-    adapter = ADAPTERS[kind]
+    adapter = ADAPTERS[VENUE_OF.get(kind, kind)]
     if kind == "binance":
         adapter = type(adapter.__name__, (adapter,), {"agg_trades": True})
     return adapter
@@ -243,7 +258,7 @@ def _venue(kind: str, stream: bytes, pipe: Any) -> None:
     "go" writes the whole stream to the subscribed connection, as fast as the socket takes it."""
 
     async def main() -> None:
-        venue = await FakeVenue(kind).start()
+        venue = await FakeVenue(VENUE_OF.get(kind, kind)).start()
         pipe.send(venue.url)
         await venue.subscribed(1)
         pipe.send("subscribed")

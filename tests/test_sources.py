@@ -33,7 +33,7 @@ from server.feed.tickerplant import Tickerplant
 from server.ticks import Quote, Trade
 from server.wire import split_events
 from tests.harness import WAIT_S, RedisProcess, eventually
-from tests.venues import FakeVenue, lines
+from tests.venues import FakeVenue, lines, received
 
 CLI_S = 90.0  # a `tickpipe feed` process to its exit: its imports alone are slow on a busy machine
 
@@ -316,6 +316,34 @@ def test_alpaca_data_points_become_ticks_and_the_rest_is_counted() -> None:
         sink = _Collect()
         ADAPTERS["alpaca"]({"AAPL": "AAPL"}, sink, {}).on_message(frame_text, 5)
         assert [name for name, _ in sink.calls] == ["malformed"] and not sink.ticks
+
+
+def test_alpacas_documented_sip_session_becomes_its_ticks() -> None:
+    """The frames of Alpaca's documented SIP session, as the venue framed them (one quote; three
+    trades of three exchanges; one quote): every point a tick with the venue's values, times to
+    the nanosecond (one has 8 fraction digits), each stock trade told apart by exchange and id."""
+    frames = received("alpaca/stocks_v2_sip_wscat_docs.txt")
+    assert [orjson.loads(f)[0]["T"] for f in frames[:3]] == ["success", "success", "subscription"]
+    sink = _Collect()
+    adapter = ADAPTERS["alpaca"]({"AAPL": "AAPL", "AMD": "AMD", "CLDR": "CLDR"}, sink, {})
+    for frame in frames[3:]:  # after connecting, signing in and subscribing
+        adapter.on_message(frame.encode(), 5)
+
+    def ns(text: str) -> int:  # the time as given, from its second and its fraction's digits
+        second, _, fraction = text.rstrip("Z").partition(".")
+        epoch = dt.datetime.fromisoformat(second).replace(tzinfo=dt.UTC).timestamp()
+        return int(epoch) * 10**9 + int(fraction.ljust(9, "0"))
+
+    assert sink.ticks == [
+        Quote("AMD", ns("2023-04-06T11:54:21.670905508Z"), 91.95, 2.0, 91.98, 1.0, "ALPACA", 5),
+        Trade("AAPL", ns("2023-04-06T11:54:26.838232225Z"), 162.92, 3.0, None, "ALPACA", 628, 5),
+        Trade("AAPL", ns("2023-04-06T11:54:26.838562809Z"), 162.92, 3.0, None, "ALPACA", 75, 5),
+        Trade("AAPL", ns("2023-04-06T11:54:26.83915973Z"), 162.91, 71.0, None, "ALPACA", 1465, 5),
+        Quote("AMD", ns("2023-04-06T11:54:27.924933876Z"), 91.9, 1.0, 91.98, 1.0, "ALPACA", 5),
+    ]
+    assert sink.ticks[3].ts % 10**9 == 839_159_730
+    assert sink.keys == [("K", 628), ("Z", 75), ("P", 1465)]
+    assert not sink.calls  # nothing counted as unexpected or malformed
 
 
 def test_alpacas_typed_reading_gives_what_reading_point_by_point_gives() -> None:

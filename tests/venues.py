@@ -33,6 +33,12 @@ def lines(rel: str) -> list[str]:
     return [x for x in (DATA / rel).read_text().splitlines() if x.strip()]
 
 
+def received(rel: str) -> list[str]:
+    """The frames the client received in a documented ``wscat`` session (its ``< `` lines),
+    exactly as the venue sent them."""
+    return [x[2:] for x in (DATA / rel).read_text().splitlines() if x.startswith("< ")]
+
+
 @dataclass
 class Conn:
     ws: ServerConnection

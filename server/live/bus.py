@@ -491,23 +491,28 @@ class Bus:
         ``gaps``: upstream gaps by ``id()`` of the tick each goes before. ``batch``: an id
         unique to this batch among ``publisher``'s; the same batch sent again (a retry after a
         lost reply) is answered with the state it left and is not applied twice."""
-        # Per symbol its ticks' events in order, numbered on from the seq it last got back.
-        groups: dict[str, tuple[list[dict[str, object]], int]] = {}
-        marks: dict[str, list[bytes | str | int]] = {}
-        assigned = self._assigned
+        # Per symbol its ticks in order, then their events, numbered on from the seq it last
+        # got back.
+        by_sym: dict[str, list[Tick]] = {}
         for tick in ticks:
             sym = tick.sym
-            group = groups.get(sym)
-            if group is None:
-                known = assigned.get(sym)
-                group = groups[sym] = ([], known.seq if known else 0)
-            events, base = group
-            events.append(tick_event(tick, base + len(events) + 1))
-            if gaps and id(tick) in gaps:
-                for gap in gaps[id(tick)]:
-                    marks.setdefault(sym, []).extend((len(events), gap))
-        if not groups:
+            if sym in by_sym:
+                by_sym[sym].append(tick)
+            else:
+                by_sym[sym] = [tick]
+        if not by_sym:
             return {}
+        assigned = self._assigned
+        groups: dict[str, tuple[list[dict[str, object]], int]] = {}
+        marks: dict[str, list[bytes | str | int]] = {}
+        for sym, sym_ticks in by_sym.items():
+            known = assigned.get(sym)
+            base = known.seq if known else 0
+            groups[sym] = ([tick_event(t, n) for n, t in enumerate(sym_ticks, base + 1)], base)
+            if gaps:  # (the position of the tick each goes before, 1-based, then the gap)
+                for n, t in enumerate(sym_ticks, 1):
+                    for gap in gaps.get(id(t), ()):
+                        marks.setdefault(sym, []).extend((n, gap))
         lay = self.layout
         group_no = lay.group(next(iter(groups)))
         keys = [
