@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import platform
 import subprocess
+import timeit
 from pathlib import Path
 
 import psutil
@@ -27,6 +28,13 @@ def machine() -> str:
         f"{os.cpu_count()} CPUs ({model}), {ram:.0f} GiB RAM, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}"
     )
+
+
+def host_probe_us() -> float:
+    """µs for ``sum(range(1000))``, best of 5 timeit repeats: a yardstick of what a CPU second
+    of this shared host does at the moment (a quiet modern core: about 10), so runs on hosts
+    of other speeds can be compared."""
+    return min(timeit.repeat("sum(range(1000))", number=20_000, repeat=5)) / 20_000 * 1e6
 
 
 def code_version() -> str:

@@ -29,8 +29,9 @@ least disturbed by whatever else the machine runs. Reported per source: messages
 (wall clock, first message read to last tick published) without and with the WebSocket read,
 messages per CPU second of the feed process (its user + system time: what one core of its own
 would sustain; a shared machine gives it less), its CPU µs per message with the read, without it,
-and parsed only (no Redis), and Redis' CPU per message; with the machine, its load average and
-how busy it was before each run.
+and parsed only (no Redis), and Redis' CPU per message; with the machine, its load average, how
+busy it was before each run, and a host probe (``bench.report.host_probe_us``) before and
+after the source's runs.
 Prints a table and writes ``bench/results/sources-<date>.md``.
 """
 
@@ -56,7 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import wait_quiet  # noqa: E402
-from bench.report import code_version, machine, top_lines, write_results  # noqa: E402
+from bench.report import (  # noqa: E402
+    code_version,
+    host_probe_us,
+    machine,
+    top_lines,
+    write_results,
+)
 from server.config import Settings  # noqa: E402
 from server.feed.sources import ADAPTERS, VenueFeed  # noqa: E402
 from server.feed.sources.adapter import Adapter  # noqa: E402
@@ -336,6 +343,7 @@ def source_runs(kind: str, n: int, repeat: int, url: str, redis_pid: int | None)
     stream = frames(messages)
     redis_ps = psutil.Process(redis_pid) if redis_pid else None
     r = redis.Redis.from_url(url)
+    probes = [host_probe_us()]
     best: tuple[Any, ...] | None = None
     best_read: dict[str, float] | None = None
     for _ in range(repeat):  # the fastest run: the least disturbed by others
@@ -353,9 +361,10 @@ def source_runs(kind: str, n: int, repeat: int, url: str, redis_pid: int | None)
         read = asyncio.run(measure_read(kind, stream, names, url, len(messages), full["ticks"]))
         if best_read is None or read["wall"] < best_read["wall"]:
             best_read = read
+        probes.append(host_probe_us())
     r.close()
     assert best is not None and best_read is not None
-    return (*best, best_read)
+    return (*best, best_read, probes)
 
 
 def main() -> int:
@@ -377,13 +386,14 @@ def main() -> int:
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:
                     row = pool.submit(source_runs, kind, n, args.repeat, rp.url, redis_pid)
                     rows.append(row.result())
-                kind, _, full, _, busy, load, read = rows[-1]
+                kind, _, full, _, busy, load, read, probes = rows[-1]
                 print(
                     f"{kind:16} {full['messages'] / full['wall']:>9,.0f} msgs/s "
                     f"{full['ticks'] / full['wall']:>9,.0f} ticks/s  "
                     f"{full['messages'] / full['cpu']:>9,.0f} msgs per CPU s; with the read "
                     f"{read['messages'] / read['wall']:>9,.0f} msgs/s "
-                    f"(load {load[0]:.1f}, busy {busy:.0f}%)",
+                    f"(load {load[0]:.1f}, busy {busy:.0f}%, host probe "
+                    f"{min(probes):.1f}-{max(probes):.1f} µs)",
                     flush=True,
                 )
         finally:
@@ -413,10 +423,10 @@ def report(rows: list[tuple[Any, ...]], n: int) -> str:
         "| source | ticks per msg | messages/s (wall), with the WebSocket read | messages/s "
         "(wall), without it | ticks/s (wall), without it | messages per feed CPU second, with "
         "/ without the read | feed CPU µs per msg: with the read / without it (parse only) "
-        "| Redis CPU µs per msg | load avg (1/5/15 min) | busy before |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| Redis CPU µs per msg | load avg (1/5/15 min) | busy before | host probe µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
-    for kind, parse, full, rc, busy, load, read in rows:
+    for kind, parse, full, rc, busy, load, read, probes in rows:
         n_msgs = full["messages"]
         out.append(
             f"| {kind} | {full['ticks'] / n_msgs:.1f} | {n_msgs / read['wall']:,.0f} | "
@@ -425,14 +435,18 @@ def report(rows: list[tuple[Any, ...]], n: int) -> str:
             f"{read['cpu'] / n_msgs * 1e6:.1f} / {full['cpu'] / n_msgs * 1e6:.1f} "
             f"({parse['cpu'] / n_msgs * 1e6:.1f}) | "
             f"{rc / n_msgs * 1e6:.1f} | {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} | "
-            f"{busy:.0f}% |"
+            f"{busy:.0f}% | {min(probes):.1f}-{max(probes):.1f} |"
         )
     out += [
         "",
         "Messages/s (wall) is what the feed process achieved on this machine as it was; on a "
         "shared machine (see the load average) the process gets a fraction of a core, so "
         "messages per feed CPU second is what one core it had to itself would sustain (the "
-        "feed is one thread; Redis runs in its own process, its CPU apart).",
+        "feed is one thread; Redis runs in its own process, its CPU apart). A CPU second of a "
+        "shared host does more or less at different times: the host probe (µs for `sum(range("
+        "1000))`, best of 5, taken in the source's process before its runs and after each; a "
+        "quiet modern core takes about 10) is that yardstick, so rows and runs on hosts of "
+        "other speeds can be compared.",
     ]
     out += ["", "What else ran just before the measurement (`top`):", "", "```"]
     out += [*top_lines(), "```", ""]
