@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
+import msgspec
 import polars as pl
 
 SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._/-]{0,31}\Z")  # \Z: "AAPL\n" is no symbol
@@ -63,8 +63,11 @@ def is_valid_symbol(sym: object) -> bool:
     return False
 
 
-@dataclass(slots=True)
-class Trade:
+# A tick is a msgspec Struct, not a dataclass: its constructor is C (a feed builds one per trade
+# or quote: 110 ns where the dataclass' generated __init__ took 230), and it is left out of the
+# garbage collector (``gc=False``: it holds only strings, numbers and None, so it can be in no
+# reference cycle), so the ticks in flight in a busy feed add nothing to its collections.
+class Trade(msgspec.Struct, gc=False):
     sym: str
     ts: int
     price: float
@@ -77,8 +80,7 @@ class Trade:
     recv_ts: int | None = None
 
 
-@dataclass(slots=True)
-class Quote:
+class Quote(msgspec.Struct, gc=False):
     sym: str
     ts: int
     bid: float
