@@ -14,8 +14,9 @@ real redis-server; under valgrind the process runs some 30 times slower, so its 
 is 300 ms, which keeps a batch about as large as at full speed). Deterministic to a few hundred
 instructions a message across runs; an A/B of a change is two runs of this, one per checkout.
 Needs valgrind (Debian: ``apt-get install -y valgrind``). Known limit: Kraken's ``feed`` path
-did not finish under valgrind (2026-12-01: its process idled waiting for the last batch; not
-investigated); its ``parse`` path and both of Alpaca's do.
+is slow under valgrind beyond its instructions (2026-12-01: over 100 messages, 2.5 minutes of
+wall clock for 1 of CPU, all 150 ticks published; not investigated) and runs past the child's
+time limit at 2,000 messages; its ``parse`` path and both of Alpaca's measure.
 """
 
 from __future__ import annotations
