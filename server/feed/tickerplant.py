@@ -266,11 +266,16 @@ class Tickerplant:
                 if delay > 0:  # at most one batch interval (<= 1 s), so a stop is seen soon
                     await asyncio.sleep(delay)
         finally:
+            # Every task that uses the Redis client ends before the client is closed: a
+            # heartbeat cancelled in the middle of its write and left running could hold the
+            # client's connection while ``aclose`` waits for it.
             reporter.cancel()
             if live is not None:
                 live.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await live
+            for task in (reporter, live):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self.redis.aclose()
         if self.failure is not None:
             raise self.failure
