@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench import sources as S  # noqa: E402
 from bench.report import code_version, machine  # noqa: E402
-from server.config import Settings  # noqa: E402
 from server.feed.sources import VenueFeed  # noqa: E402
 from tests.harness import RedisProcess  # noqa: E402
 
@@ -54,8 +53,7 @@ def _child(kind: str, stream: Path, n: int, path: str, url: str) -> None:
         asyncio.run(S.parse_only(kind, messages, names))
         return
     ticks = sum(int(x) for x in stream.with_suffix(".counts").read_text().split()[:n])
-    S.Settings = lambda **kw: Settings(**kw, feed_batch_ms=VALGRIND_BATCH_MS)  # type: ignore[misc]
-    asyncio.run(S.measure(kind, messages, names, url, ticks))
+    asyncio.run(S.measure(kind, messages, names, url, ticks, batch_ms=VALGRIND_BATCH_MS))
 
 
 def _build(kind: str, stream: Path) -> None:

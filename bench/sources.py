@@ -316,12 +316,21 @@ async def measure_read(
 
 
 async def measure(
-    kind: str, messages: list[str], names: dict[str, str], url: str, ticks: int
+    kind: str,
+    messages: list[str],
+    names: dict[str, str],
+    url: str,
+    ticks: int,
+    batch_ms: int | None = None,
 ) -> dict[str, float]:
-    """Run the feed process's loop (tickerplant, default settings) over the captured stream
-    until every tick is published into the Redis at ``url``."""
+    """Run the feed process's loop (tickerplant, default settings; ``batch_ms``: another batch
+    interval) over the captured stream until every tick is published into the Redis at
+    ``url``."""
     feed = CapturedFeed(kind, names, messages)
-    plant = Tickerplant(Settings(redis_url=url), feed)
+    settings = Settings(redis_url=url)
+    if batch_ms is not None:
+        settings = settings.model_copy(update={"feed_batch_ms": batch_ms})
+    plant = Tickerplant(settings, feed)
     settle_heap()  # as the feed process does once started (run_feed)
     cpu0, t0 = time.process_time(), time.perf_counter()
     run = asyncio.create_task(plant.run())
