@@ -1,18 +1,21 @@
 """A live source's cost per venue message in CPU instructions: what a shared host's speed does
 not move (issue 12; `bench/sources.py` measures the same path in messages per second).
 
-    .venv/bin/python bench/instructions.py                       # alpaca-paired, both paths
+    .venv/bin/python bench/instructions.py                       # alpaca-paired, every path
     .venv/bin/python bench/instructions.py --source kraken --path parse
 
 Runs the feed path of ``bench/sources.py`` under valgrind (``cachegrind``, cache simulation
 off: it counts instructions only) in a child process, over the first 2,000 and the first
 12,000 messages of a captured stream, after a warm-up run that leaves every module compiled;
-the difference per message is the cost of one message, start-up and set-up cancelled. Two
+the difference per message is the cost of one message, start-up and set-up cancelled. Three
 paths: ``parse`` (the adapter and the session's checks, as ``bench/sources.py``'s parse-only
-run) and ``feed`` (that, and the tickerplant's loop screening, encoding and publishing into a
+run), ``feed`` (that, and the tickerplant's loop screening, encoding and publishing into a
 real redis-server; under valgrind the process runs some 30 times slower, so its batch interval
-is 300 ms, which keeps a batch about as large as at full speed). Deterministic to a few hundred
-instructions a message across runs; an A/B of a change is two runs of this, one per checkout.
+is 300 ms, which keeps a batch about as large as at full speed) and ``read`` (that, with the
+stream read from a local venue's WebSocket as ``bench/sources.py``'s run with the read: the
+feed process only, the venue runs in a process of its own, not counted). Deterministic to a
+few hundred instructions a message across runs; an A/B of a change is two runs of this, one
+per checkout.
 Needs valgrind (Debian: ``apt-get install -y valgrind``). Known limit: Kraken's ``feed`` path
 is slow under valgrind beyond its instructions (2026-12-01: over 100 messages, 2.5 minutes of
 wall clock for 1 of CPU, all 150 ticks published; not investigated) and runs past the child's
@@ -53,6 +56,10 @@ def _child(kind: str, stream: Path, n: int, path: str, url: str) -> None:
         asyncio.run(S.parse_only(kind, messages, names))
         return
     ticks = sum(int(x) for x in stream.with_suffix(".counts").read_text().split()[:n])
+    if path == "read":
+        frames = S.frames(messages)
+        asyncio.run(S.measure_read(kind, frames, names, url, n, ticks, VALGRIND_BATCH_MS))
+        return
     asyncio.run(S.measure(kind, messages, names, url, ticks, batch_ms=VALGRIND_BATCH_MS))
 
 
@@ -86,7 +93,7 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default="alpaca-paired", choices=list(S.STREAMS))
-    ap.add_argument("--path", choices=["parse", "feed"], action="append")
+    ap.add_argument("--path", choices=["parse", "feed", "read"], action="append")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is needed: apt-get install -y valgrind", file=sys.stderr)
@@ -98,7 +105,7 @@ def main() -> int:
         redis = RedisProcess(Path(tmp))
         redis.start()
         try:
-            for path in args.path or ["parse", "feed"]:
+            for path in args.path or ["parse", "feed", "read"]:
                 try:
                     _instructions(args.source, stream, 100, path, redis.url)  # warm-up
                     few = _instructions(args.source, stream, FEW, path, redis.url)

@@ -278,11 +278,27 @@ def _venue(kind: str, stream: bytes, pipe: Any) -> None:
     asyncio.run(main())
 
 
+def _settings(url: str, batch_ms: int | None) -> Settings:
+    """The feed's default settings, publishing into ``url`` (``batch_ms``: another batch
+    interval)."""
+    settings = Settings(redis_url=url)
+    if batch_ms is not None:
+        settings = settings.model_copy(update={"feed_batch_ms": batch_ms})
+    return settings
+
+
 async def measure_read(
-    kind: str, stream: bytes, names: dict[str, str], url: str, messages: int, ticks: int
+    kind: str,
+    stream: bytes,
+    names: dict[str, str],
+    url: str,
+    messages: int,
+    ticks: int,
+    batch_ms: int | None = None,
 ) -> dict[str, float]:
     """The whole feed process: the session reads the stream from a local venue's WebSocket,
-    the tickerplant publishes into the Redis at ``url``, until every tick is published."""
+    the tickerplant (``batch_ms``: another batch interval) publishes into the Redis at
+    ``url``, until every tick is published."""
     ctx = multiprocessing.get_context("spawn")
     pipe, child_end = ctx.Pipe()
     venue = ctx.Process(target=_venue, args=(kind, stream, child_end), daemon=True)
@@ -292,7 +308,7 @@ async def measure_read(
         venue_url = await loop.run_in_executor(None, pipe.recv)
         feed = VenueFeed(_adapter(kind), names, url=venue_url,
                          secrets={"key_id": "", "secret_key": ""})  # fmt: skip
-        plant = Tickerplant(Settings(redis_url=url), feed)
+        plant = Tickerplant(_settings(url, batch_ms), feed)
         settle_heap()
         run = asyncio.create_task(plant.run())
         assert await loop.run_in_executor(None, pipe.recv) == "subscribed"
@@ -327,10 +343,7 @@ async def measure(
     interval) over the captured stream until every tick is published into the Redis at
     ``url``."""
     feed = CapturedFeed(kind, names, messages)
-    settings = Settings(redis_url=url)
-    if batch_ms is not None:
-        settings = settings.model_copy(update={"feed_batch_ms": batch_ms})
-    plant = Tickerplant(settings, feed)
+    plant = Tickerplant(_settings(url, batch_ms), feed)
     settle_heap()  # as the feed process does once started (run_feed)
     cpu0, t0 = time.process_time(), time.perf_counter()
     run = asyncio.create_task(plant.run())

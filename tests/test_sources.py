@@ -30,7 +30,7 @@ from server.feed.sources import (
 from server.feed.sources.adapter import ns_from_iso
 from server.feed.sources.continuity import Continuity
 from server.feed.tickerplant import Tickerplant
-from server.ticks import Quote, Trade
+from server.ticks import Quote, Trade, reject_reason
 from server.wire import split_events
 from tests.harness import WAIT_S, RedisProcess, eventually
 from tests.venues import FakeVenue, lines, received
@@ -208,6 +208,7 @@ class _Collect:
         self.calls: list[tuple[str, str]] = []
         self.snapshots: list[bool] = []
         self.keys: list[object] = []  # each trade's key for the duplicate check
+        self.vouched = True  # no ``unscreened`` call
 
     def trade(self, tick: Trade, key: object = None, snapshot: bool = False) -> None:
         self.ticks.append(tick)
@@ -217,6 +218,9 @@ class _Collect:
     def quote(self, tick: Quote, update_id: int | None = None, snapshot: bool = False) -> None:
         self.ticks.append(tick)
         self.snapshots.append(snapshot)
+
+    def unscreened(self) -> None:
+        self.vouched = False
 
     def __getattr__(self, name: str) -> Any:
         return lambda text: self.calls.append((name, text))
@@ -430,6 +434,74 @@ def test_krakens_typed_reading_gives_what_reading_the_message_gives() -> None:
     refused = {**trades, "data": [{**t0, "price": "0.5147"}]}  # refused by the typing
     ADAPTERS["kraken"](names, sink, {}).on_message(orjson.dumps(refused), 5)
     assert [t.price for t in sink.ticks] == [0.5147] and not sink.calls
+
+
+def _hostile_frames(kind: str, rng: random.Random, n: int) -> list[str]:
+    """``n`` trade and quote messages of ``kind`` (Alpaca's points, Kraken's trade and ticker
+    messages) whose prices, sizes and times are drawn from what the tick checks admit and what
+    they reject, as JSON text (numbers beyond a double's range and below its smallest)."""
+    numbers = ["126.55", "1", "0.00000001", "5e-324", "1e308", "0", "0.0", "-1", "-0.5",
+               "1e-400", "1e309", '"126.55"', "null", "true"]  # fmt: skip
+    good_numbers = numbers[:5]
+    times = ["2021-02-22T15:51:44.208Z", "2000-01-01T00:00:00Z",
+             "2099-12-31T23:59:59.999999999Z", "1999-12-31T23:59:59.999999999Z",
+             "2100-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "not a time"]  # fmt: skip
+    ids = iter(range(1, 10**9))
+
+    def num() -> str:  # mostly good ones, so that whole messages pass the typing too
+        return rng.choice(good_numbers if rng.random() < 0.85 else numbers)
+
+    def ts() -> str:
+        return rng.choice(times[:3] if rng.random() < 0.85 else times)
+
+    out = []
+    for _ in range(n):
+        k = rng.randint(1, 3)
+        if kind == "kraken":
+            if rng.random() < 0.5:
+                data = ",".join(f'{{"symbol":"MATIC/USD","side":"buy","price":{num()},'
+                                f'"qty":{num()},"ord_type":"market","trade_id":{next(ids)},'
+                                f'"timestamp":"{ts()}"}}' for _ in range(k))  # fmt: skip
+                out.append(f'{{"channel":"trade","type":"update","data":[{data}]}}')
+            else:
+                data = ",".join(f'{{"symbol":"MATIC/USD","bid":{num()},"bid_qty":{num()},'
+                                f'"ask":{num()},"ask_qty":{num()},"last":0.5,'
+                                f'"timestamp":"{ts()}"}}' for _ in range(k))  # fmt: skip
+                out.append(f'{{"channel":"ticker","type":"update","data":[{data}]}}')
+            continue
+        points = [
+            f'{{"T":"t","S":"AAPL","i":{next(ids)},"x":"V","p":{num()},"s":{num()},'
+            f'"t":"{ts()}","c":["@"],"z":"C"}}'
+            if rng.random() < 0.5
+            else f'{{"T":"q","S":"AAPL","bx":"U","bp":{num()},"bs":{num()},"ax":"Q",'
+            f'"ap":{num()},"as":{num()},"c":["R"],"t":"{ts()}","z":"C"}}'
+            for _ in range(k)
+        ]
+        out.append("[" + ",".join(points) + "]")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "kraken"])
+def test_what_a_typed_adapter_vouches_for_passes_the_tick_checks(kind) -> None:
+    """Alpaca's and Kraken's typed decoding holds prices, sizes and times to the tick checks, so
+    the tickerplant does not screen a batch its adapter vouched for (``screened``): over 3,000
+    messages of good and bad numbers and times (zero, negative, below and beyond a double's
+    range, strings; before 2000, from 2100), each handed over alone, what is published (a
+    vouched batch as it is, any other screened) is what screening every tick publishes."""
+    rng = random.Random(7)
+    names = {"AAPL": "AAPL"} if kind == "alpaca" else {"MATIC/USD": "MATIC/USD"}
+    feed = VenueFeed(ADAPTERS[kind], names, secrets={"key_id": "", "secret_key": ""})
+    vouched = refused = 0
+    for raw in _hostile_frames(kind, rng, 3000):
+        recv_ns = time.time_ns() if rng.random() < 0.97 else 5  # (a clock before 2000)
+        feed.adapter.on_message(raw, recv_ns)
+        batch = feed.due(0, 0)
+        good = [t for t in batch if reject_reason(t) is None]
+        assert (batch if feed.screened else good) == good, raw
+        vouched += feed.screened and bool(batch)
+        refused += len(batch) - len(good)
+    # Both kinds of batch were seen: vouched ones, and ticks the screen had to reject.
+    assert vouched > 1000 and refused > 100, (vouched, refused)
 
 
 def test_continuity_drops_replays_and_finds_holes_in_trade_ids() -> None:

@@ -1,4 +1,5 @@
 """The tickerplant: pulls batches from a source, rejects bad ticks, publishes the rest atomically.
+(A live source's batch that its adapter checked as it decoded it comes marked ``screened``.)
 
 A rejected tick is counted with its reason and never stops the feed. When Redis is unreachable
 the current batch is retried with backoff and no new ticks are generated meanwhile, so nothing
@@ -47,6 +48,10 @@ class LiveSource(Source, Protocol):
     async def run(self) -> None:
         """Keep the source connected until cancelled; raises when it cannot start."""
         ...
+
+    # Whether the ticks ``due`` just returned all passed the tick checks at the source already
+    # (an adapter's typed decoding): they are not screened again.
+    screened: bool
 
     def take_gaps(self) -> list[tuple[int, UpstreamGap]]:
         """The upstream gaps among the ticks ``due`` just returned (index of the tick after)."""
@@ -199,8 +204,9 @@ class Tickerplant:
     async def publish_due(self, ticks: list[Tick]) -> None:
         """Publish what the source handed over; a live source's upstream gaps go out in-band,
         in the same atomic publish, just before the first tick after each hole."""
-        good = self.screen(ticks)
-        gaps = self.live.take_gaps() if self.live is not None else []
+        live = self.live
+        good = ticks if live is not None and live.screened else self.screen(ticks)
+        gaps = live.take_gaps() if live is not None else []
         placed = self.place_gaps(ticks, good, gaps) if gaps or self._gaps_waiting else []
         await self.publish(good, placed)
 

@@ -21,11 +21,18 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Hashable, Iterable
-from typing import ClassVar, Protocol
+from typing import Annotated, ClassVar, Protocol
+
+import msgspec
 
 from server.ticks import Quote, Trade
 
 MS = 1_000_000  # ns per millisecond
+
+# A price or size as the tick checks admit it (``server.ticks.reject_reason``), for an adapter's
+# typed decoding: a number above zero; msgspec refuses one beyond a double's range and JSON has
+# no NaN, so it is finite too. A message with any other fails the typed decoding.
+Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class Sink(Protocol):
@@ -57,6 +64,11 @@ class Sink(Protocol):
     def reply(self, text: str) -> None:
         """Send ``text`` back to the venue (an application-level pong, a login step)."""
 
+    def unscreened(self) -> None:
+        """The ticks handed over next may fail the tick checks (``server.ticks.
+        reject_reason``): the tickerplant screens them. Only an adapter that ``screens`` calls
+        it, before any tick it cannot vouch for."""
+
 
 class VenueRefused(Exception):
     """The venue will not serve this source as configured (a refused symbol, a refused key);
@@ -78,6 +90,11 @@ class Adapter:
     lifetime_s: ClassVar[float | None] = None
     # Whether the venue's trade ids are consecutive per symbol, so a hole in them is a gap.
     consecutive_trade_ids: ClassVar[bool] = True
+    # Whether the adapter holds the ticks it hands over to the tick checks itself (typed
+    # decoding with ``Positive`` prices and sizes, times checked against ``server.ticks``'
+    # range), calling ``sink.unscreened`` before any tick it cannot vouch for: the tickerplant
+    # then does not screen its ticks a second time. False: the tickerplant screens every tick.
+    screens: ClassVar[bool] = False
 
     def __init__(self, symbols: dict[str, str], sink: Sink, secrets: dict[str, str]) -> None:
         """``symbols``: venue symbol -> tickpipe symbol; ``secrets``: credentials, never logged."""

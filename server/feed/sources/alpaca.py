@@ -18,20 +18,21 @@ from typing import Any, ClassVar
 import msgspec
 import orjson
 
-from server.feed.sources.adapter import Adapter, ns_from_iso, venue_int
-from server.ticks import Quote, Trade
+from server.feed.sources.adapter import Adapter, Positive, ns_from_iso, venue_int
+from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Trade
 
 _TAKER = {"B": "buy", "S": "sell"}
 
 
 class _Trade(msgspec.Struct, tag_field="T", tag="t"):
     """A trade data point: the fields read, of the documented types (a JSON integer size or
-    price becomes a float, as ``float()`` makes it; other fields of the point are skipped)."""
+    price becomes a float, as ``float()`` makes it; other fields of the point are skipped),
+    price and size as the tick checks admit them (``Positive``)."""
 
     S: str
     t: str
-    p: float
-    s: float
+    p: Positive
+    s: Positive
     i: int
     x: str | None = None  # the exchange (stocks)
     tks: str | None = None  # the taker's side (crypto)
@@ -42,13 +43,14 @@ class _Quote(msgspec.Struct, tag_field="T", tag="q"):
 
     S: str
     t: str
-    bp: float
-    bs: float
-    ap: float
-    as_: float = msgspec.field(name="as")
+    bp: Positive
+    bs: Positive
+    ap: Positive
+    as_: Positive = msgspec.field(name="as")
 
 
-# A frame of trade and quote points, typed: anything else fails to decode (``_frame`` reads it).
+# A frame of trade and quote points, typed: anything else fails to decode (``_frame`` reads it),
+# a point whose price or size the tick checks would reject too.
 _DATA_POINTS = msgspec.json.Decoder(list[_Trade | _Quote])
 
 
@@ -73,6 +75,7 @@ class AlpacaStocks(Adapter):
     venue: ClassVar[str] = "ALPACA"
     default_url: ClassVar[str] = "wss://stream.data.alpaca.markets/v2/iex"
     consecutive_trade_ids: ClassVar[bool] = False
+    screens: ClassVar[bool] = True  # the typed decoding's; ``_frame`` calls ``unscreened``
     # What tells a trade from a replay: on SIP a stock trade's id is unique per exchange (``x``),
     # so the key is (exchange, id).
     ids_per_exchange: ClassVar[bool] = True
@@ -102,26 +105,31 @@ class AlpacaStocks(Adapter):
         self._ticks(points, recv_ns)
 
     def _ticks(self, points: Iterable[_Trade | _Quote], recv_ns: int) -> None:
-        """Trades and quotes as ticks; a point whose time is not one is counted, the rest go on."""
+        """Trades and quotes as ticks; a point whose time is not one is counted, the rest go on.
+        A time outside the tick checks' range is handed over unscreened (the tickerplant
+        rejects it, counted)."""
         sink = self.sink
         names, venue, by_exchange = self.names, self.venue, self.ids_per_exchange
         trade, quote = sink.trade, sink.quote
+        lo, hi = MIN_TS_NS, MAX_TS_NS  # the times the tick checks admit
+        if not lo <= recv_ns < hi:
+            sink.unscreened()
         for p in points:
             try:
                 sym = names.get(p.S)
+                if sym is None:
+                    self.symbol(p.S, "trade" if isinstance(p, _Trade) else "quote")
+                    continue
+                ts = ns_from_iso(p.t)
+                if not lo <= ts < hi:
+                    sink.unscreened()
                 if isinstance(p, _Trade):
-                    if sym is None:
-                        self.symbol(p.S, "trade")
-                        continue
                     taker = p.tks
-                    tick = Trade(sym, ns_from_iso(p.t), p.p, p.s,
-                                 None if taker is None else _TAKER.get(taker), venue, p.i,
-                                 recv_ns)  # fmt: skip
+                    tick = Trade(sym, ts, p.p, p.s, None if taker is None else _TAKER.get(taker),
+                                 venue, p.i, recv_ns)  # fmt: skip
                     trade(tick, (p.x, p.i) if by_exchange else None)
-                elif sym is None:
-                    self.symbol(p.S, "quote")
                 else:
-                    quote(Quote(sym, ns_from_iso(p.t), p.bp, p.bs, p.ap, p.as_, venue, recv_ns))
+                    quote(Quote(sym, ts, p.bp, p.bs, p.ap, p.as_, venue, recv_ns))
             except (TypeError, ValueError) as exc:
                 sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
 
@@ -130,6 +138,7 @@ class AlpacaStocks(Adapter):
         typed decoding refused, e.g. a price sent as a string, judged as ``float()`` judges
         it), every other point by ``_point``; a point that cannot be read is counted."""
         sink = self.sink
+        sink.unscreened()  # what the typed decoding refused: the tickerplant screens it
         try:
             points = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

@@ -16,20 +16,27 @@ from typing import Any, ClassVar
 import msgspec
 import orjson
 
-from server.feed.sources.adapter import Adapter, named_in, ns_from_iso, venue_int
-from server.ticks import Quote, Trade
+from server.feed.sources.adapter import (
+    Adapter,
+    Positive,
+    named_in,
+    ns_from_iso,
+    venue_int,
+)
+from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Trade
 
 _CHANNELS = ("trade", "ticker")
 
 
 class _Trade(msgspec.Struct):
     """A trade of a ``trade`` message: the fields read, of the documented types (a JSON integer
-    price or size becomes a float, as ``float()`` makes it; the rest is skipped)."""
+    price or size becomes a float, as ``float()`` makes it; the rest is skipped), price and
+    size as the tick checks admit them (``Positive``)."""
 
     symbol: str
     side: str
-    price: float
-    qty: float
+    price: Positive
+    qty: Positive
     trade_id: int
     timestamp: str
 
@@ -38,10 +45,10 @@ class _Ticker(msgspec.Struct):
     """A ``ticker`` entry: its best bid/ask (the day's figures are skipped)."""
 
     symbol: str
-    bid: float
-    bid_qty: float
-    ask: float
-    ask_qty: float
+    bid: Positive
+    bid_qty: Positive
+    ask: Positive
+    ask_qty: Positive
     timestamp: str | None = None
 
 
@@ -59,7 +66,8 @@ class _Heartbeat(msgspec.Struct, tag_field="channel", tag="heartbeat"):
     pass
 
 
-# A trade, ticker or heartbeat message, typed: anything else fails to decode (``_message``).
+# A trade, ticker or heartbeat message, typed: anything else fails to decode (``_message``), a
+# trade or ticker whose price or size the tick checks would reject too.
 _DATA = msgspec.json.Decoder(_Trades | _Tickers | _Heartbeat)
 
 
@@ -80,6 +88,7 @@ class Kraken(Adapter):
     venue: ClassVar[str] = "KRAKEN"
     default_url: ClassVar[str] = "wss://ws.kraken.com/v2"
     silence_s: ClassVar[float | None] = 10.0
+    screens: ClassVar[bool] = True  # the typed decoding's; ``_message`` calls ``unscreened``
 
     def on_connected(self) -> None:
         super().on_connected()
@@ -120,34 +129,46 @@ class Kraken(Adapter):
     def _trades(self, trades: Iterable[_Trade], snapshot: bool, recv_ns: int) -> None:
         """The trades of a message (``snapshot``: what traded before subscribing); a symbol this
         source did not subscribe is counted by ``symbol``."""
-        names, venue, trade = self.names, self.venue, self.sink.trade
+        sink = self.sink
+        names, venue, trade = self.names, self.venue, sink.trade
+        lo, hi = MIN_TS_NS, MAX_TS_NS  # the times the tick checks admit
+        if not lo <= recv_ns < hi:
+            sink.unscreened()
         for t in trades:
             sym = names.get(t.symbol)
             if sym is None:
                 self.symbol(t.symbol, "trade")
                 continue
-            side = t.side
-            trade(Trade(sym, ns_from_iso(t.timestamp), t.price, t.qty,
-                        side if side == "buy" or side == "sell" else None, venue, t.trade_id,
-                        recv_ns), snapshot=snapshot)  # fmt: skip
+            side, ts = t.side, ns_from_iso(t.timestamp)
+            if not lo <= ts < hi:
+                sink.unscreened()  # the tickerplant rejects it, counted
+            trade(Trade(sym, ts, t.price, t.qty, side if side == "buy" or side == "sell" else None,
+                        venue, t.trade_id, recv_ns), snapshot=snapshot)  # fmt: skip
 
     def _tickers(self, tickers: Iterable[_Ticker], snapshot: bool, recv_ns: int) -> None:
         """The best bids/asks of a ticker message, as ``_trades``; without the venue's time,
         the receive time stands in."""
-        names, venue, quote = self.names, self.venue, self.sink.quote
+        sink = self.sink
+        names, venue, quote = self.names, self.venue, sink.quote
+        lo, hi = MIN_TS_NS, MAX_TS_NS  # the times the tick checks admit
+        if not lo <= recv_ns < hi:
+            sink.unscreened()
         for q in tickers:
             sym = names.get(q.symbol)
             if sym is None:
                 self.symbol(q.symbol, "ticker")
                 continue
-            ts = q.timestamp
-            quote(Quote(sym, ns_from_iso(ts) if ts else recv_ns, q.bid, q.bid_qty, q.ask,
-                        q.ask_qty, venue, recv_ns), snapshot=snapshot)  # fmt: skip
+            ts = ns_from_iso(q.timestamp) if q.timestamp else recv_ns
+            if not lo <= ts < hi:
+                sink.unscreened()
+            quote(Quote(sym, ts, q.bid, q.bid_qty, q.ask, q.ask_qty, venue, recv_ns),
+                  snapshot=snapshot)  # fmt: skip
 
     def _message(self, raw: str | bytes, recv_ns: int) -> None:
         """Read a message the typed decoding did not take: trades and tickers as ``on_message``
         does (what the typing refused, e.g. a price sent as a string, judged as ``float()``
         judges it, entry by entry), acknowledgements, the rest counted."""
+        self.sink.unscreened()  # what the typed decoding refused: the tickerplant screens it
         try:
             msg = orjson.loads(raw)
             channel = msg.get("channel")

@@ -35,7 +35,7 @@ from picows.websockets.exceptions import ConnectionClosed, InvalidHandshake, Inv
 
 from server.feed.sources.adapter import Adapter, VenueRefused
 from server.feed.sources.continuity import Continuity, UpstreamGap
-from server.ticks import Quote, Tick, Trade
+from server.ticks import Quote, Tick, Trade, is_valid_symbol
 
 log = logging.getLogger("tickpipe.feed")
 CONNECTION_LOST = (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, EOFError)
@@ -131,6 +131,15 @@ class VenueFeed:
         )
         self._snapshots: set[int] = set()  # id() of the snapshot ticks waiting in _pending
         self._max_pending = self.options.max_pending
+        # Whether the adapter holds its ticks to the tick checks (``Adapter.screens``; its
+        # symbols and venue valid ones), whether every tick waiting is one it vouched for, and
+        # whether the ticks ``due`` last handed over all were (``screened``): the tickerplant
+        # does not screen those again.
+        self._vouching = adapter_cls.screens and all(
+            is_valid_symbol(s) for s in (*symbols.values(), adapter_cls.venue)
+        )
+        self._pending_vouched = self._vouching
+        self.screened = False
 
     def describe(self) -> str:
         return f"{self.kind}: {', '.join(self.symbols)} from {redacted(self.base_url)}"
@@ -142,9 +151,11 @@ class VenueFeed:
         ``MAX_BATCH``: after Redis was slow or away a backlog goes out in bounded script calls,
         the rest at the next batches."""
         self._dropping = False
+        self.screened = self._pending_vouched
         if len(self._pending) <= MAX_BATCH:
             out, self._pending = self._pending, []
             self._due_gaps, self._gaps = self._gaps, []
+            self._pending_vouched = self._vouching
         else:
             out, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             self._due_gaps = [(at, gap) for at, gap in self._gaps if at < MAX_BATCH]
@@ -265,6 +276,9 @@ class VenueFeed:
 
     def reply(self, text: str) -> None:
         self._replies.append(text)
+
+    def unscreened(self) -> None:
+        self._pending_vouched = False
 
     # -- the connection --
 
@@ -448,6 +462,8 @@ class VenueFeed:
         with contextlib.suppress(Exception):
             await old.ws.close()
         staged, new.staged = new.staged or [], None  # what the new one reads now is published
+        if staged:  # (read while earlier batches went out: whether each was vouched for is lost)
+            self.unscreened()
         for tick, key, snapshot in staged:
             if isinstance(tick, Trade):
                 self.trade(tick, key, snapshot)
