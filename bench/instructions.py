@@ -25,7 +25,6 @@ time limit at 2,000 messages; its ``parse`` path and both of Alpaca's measure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench import sources as S  # noqa: E402
 from bench.report import code_version, machine  # noqa: E402
 from server.feed.sources import VenueFeed  # noqa: E402
+from server.feed.tickerplant import run_loop  # noqa: E402
 from tests.harness import RedisProcess  # noqa: E402
 
 FEW, MANY = 2_000, 12_000
@@ -53,14 +53,14 @@ def _child(kind: str, stream: Path, n: int, path: str, url: str) -> None:
     messages = stream.read_text().split("\n")[:n]
     names = S.STREAMS[kind](10)[1]
     if path == "parse":
-        asyncio.run(S.parse_only(kind, messages, names))
+        run_loop(S.parse_only(kind, messages, names))
         return
     ticks = sum(int(x) for x in stream.with_suffix(".counts").read_text().split()[:n])
     if path == "read":
         frames = S.frames(messages)
-        asyncio.run(S.measure_read(kind, frames, names, url, n, ticks, VALGRIND_BATCH_MS))
+        run_loop(S.measure_read(kind, frames, names, url, n, ticks, VALGRIND_BATCH_MS))
         return
-    asyncio.run(S.measure(kind, messages, names, url, ticks, batch_ms=VALGRIND_BATCH_MS))
+    run_loop(S.measure(kind, messages, names, url, ticks, batch_ms=VALGRIND_BATCH_MS))
 
 
 def _build(kind: str, stream: Path) -> None:

@@ -188,7 +188,7 @@ def _require_own_redis() -> int:
 
 
 def _feed(args: argparse.Namespace) -> int:
-    from server.feed.tickerplant import Source, run_feed
+    from server.feed.tickerplant import Source, run_feed, run_loop
 
     settings = get_settings()
     if args.name is not None:
@@ -220,12 +220,10 @@ def _feed(args: argparse.Namespace) -> int:
             source = FileReplay(result.ticks, args.speed, args.file.name)
         except (ValueError, OSError) as exc:
             return _failed(f"{args.file}: {exc}")
-    import asyncio
-
     from server.feed.sources import VenueRefused
 
     try:
-        asyncio.run(run_feed(settings, source))
+        run_loop(run_feed(settings, source))
     except VenueRefused as exc:
         return _failed(str(exc))
     return 0

@@ -17,8 +17,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from server.config import Settings
 from server.feed.simulator import Simulator
@@ -65,6 +65,7 @@ class LiveSource(Source, Protocol):
 
 
 log = logging.getLogger("tickpipe.feed")
+T = TypeVar("T")
 
 
 class Tickerplant:
@@ -297,6 +298,16 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the feed process's ``main`` on uvloop's event loop where there is one (not on
+    Windows), else asyncio's: the feed's reads, writes and callbacks then run in libuv's C."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover (a platform without uvloop)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def run_feed(settings: Settings, source: Source | None = None) -> None:
