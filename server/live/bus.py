@@ -43,6 +43,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import msgspec
 import orjson
 from redis.crc import key_slot
 
@@ -170,32 +171,8 @@ def channel_symbol(name: bytes | str) -> str:
 
 def tick_event(tick: Tick, seq: int) -> dict[str, object]:
     """A tick's event as published, numbered ``seq``: its fields in the wire order
-    (``server.wire.TICK_FIELDS``), optional ones only when set."""
-    # A venue's usual tick (every optional field set, a quote not crossed) in one dict, without
-    # the branches below (a feed builds one for every tick it publishes).
-    if type(tick) is Trade:
-        side, venue, trade_id, recv = tick.side, tick.venue, tick.trade_id, tick.recv_ts
-        if venue is not None and trade_id is not None and recv is not None:
-            if side is not None:
-                return {"type": "trade", "sym": tick.sym, "seq": seq, "ts": tick.ts,
-                        "price": tick.price, "size": tick.size, "side": side, "venue": venue,
-                        "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
-            return {"type": "trade", "sym": tick.sym, "seq": seq, "ts": tick.ts,
-                    "price": tick.price, "size": tick.size, "venue": venue,
-                    "trade_id": trade_id, "recv_ts": recv}  # fmt: skip
-    elif type(tick) is Quote:
-        bid, ask, bid_size, ask_size = tick.bid, tick.ask, tick.bid_size, tick.ask_size
-        venue, recv = tick.venue, tick.recv_ts
-        if (
-            bid_size is not None
-            and ask_size is not None
-            and venue is not None
-            and recv is not None
-            and not bid > ask
-        ):
-            return {"type": "quote", "sym": tick.sym, "seq": seq, "ts": tick.ts, "bid": bid,
-                    "bid_size": bid_size, "ask": ask, "ask_size": ask_size, "venue": venue,
-                    "recv_ts": recv}  # fmt: skip
+    (``server.wire.TICK_FIELDS``), optional ones only when set. (A feed encodes the usual tick
+    without this dict: ``wire_event``.)"""
     if isinstance(tick, Trade):
         event: dict[str, object] = {
             "type": "trade", "sym": tick.sym, "seq": seq, "ts": tick.ts, "price": tick.price,
@@ -221,6 +198,79 @@ def tick_event(tick: Tick, seq: int) -> dict[str, object]:
     if tick.recv_ts is not None:
         event["recv_ts"] = tick.recv_ts
     return event
+
+
+# A venue's usual tick (every optional field set but a trade's side, a quote not crossed) as its
+# event: a Struct per kind, its fields those of ``tick_event``'s dict in the same order, which
+# msgspec encodes in C without a dict per tick (a feed encodes one event per tick it publishes).
+class _TradeEvent(msgspec.Struct, tag_field="type", tag="trade", omit_defaults=True, gc=False):
+    sym: str
+    seq: int
+    ts: int
+    price: float
+    size: float
+    side: str | None = None  # left out when None (as the dict leaves it out)
+    # (set on the usual tick: never left out)
+    venue: str | None = None
+    trade_id: int | None = None
+    recv_ts: int | None = None
+
+
+class _QuoteEvent(msgspec.Struct, tag_field="type", tag="quote", gc=False):
+    sym: str
+    seq: int
+    ts: int
+    bid: float
+    bid_size: float
+    ask: float
+    ask_size: float
+    venue: str
+    recv_ts: int
+
+
+_encode = msgspec.json.Encoder().encode
+# msgspec and orjson write every double below this the same (its shortest text); from here on
+# msgspec writes ``1e16`` where orjson writes ``1e+16``: such a tick takes orjson's path.
+_SAME_TEXT_BELOW = 1e16
+
+WireEvent = msgspec.Struct | msgspec.Raw
+
+
+def wire_event(tick: Tick, seq: int) -> WireEvent:
+    """``tick_event(tick, seq)`` as ``encode_events`` takes it: byte for byte the JSON orjson
+    writes for that dict. A venue's usual tick is a Struct (no dict; encoded in C), any other
+    tick its dict already written by orjson."""
+    if type(tick) is Trade:
+        side, venue, trade_id, recv = tick.side, tick.venue, tick.trade_id, tick.recv_ts
+        price, size = tick.price, tick.size
+        if (
+            venue is not None
+            and trade_id is not None
+            and recv is not None
+            and price < _SAME_TEXT_BELOW
+            and size < _SAME_TEXT_BELOW
+        ):
+            return _TradeEvent(tick.sym, seq, tick.ts, price, size, side, venue, trade_id, recv)
+    elif type(tick) is Quote:
+        bid, ask, bid_size, ask_size = tick.bid, tick.ask, tick.bid_size, tick.ask_size
+        venue, recv = tick.venue, tick.recv_ts
+        if (
+            bid_size is not None
+            and ask_size is not None
+            and venue is not None
+            and recv is not None
+            and not bid > ask
+            and ask < _SAME_TEXT_BELOW
+            and bid_size < _SAME_TEXT_BELOW
+            and ask_size < _SAME_TEXT_BELOW
+        ):
+            return _QuoteEvent(tick.sym, seq, tick.ts, bid, bid_size, ask, ask_size, venue, recv)
+    return msgspec.Raw(orjson.dumps(tick_event(tick, seq)))
+
+
+def encode_events(events: Sequence[WireEvent]) -> bytes:
+    """``wire_event``s as one JSON array: what orjson writes for their ``tick_event`` dicts."""
+    return _encode(events)
 
 
 # Assigns seq, starts a new epoch when a symbol's sequence state is missing (first publish, or
@@ -378,17 +428,18 @@ return out
 """
 
 
-def _last_of_each_kind(events: list[dict[str, object]]) -> tuple[bytes, bytes]:
-    """The last trade event and the last quote event of ``events`` as JSON (``b""``: none)."""
+def _last_of_each_kind(ticks: list[Tick], events: list[WireEvent]) -> tuple[bytes, bytes]:
+    """The last trade event and the last quote event (``events``, one per tick of ``ticks``) as
+    JSON (``b""``: none)."""
     trade = quote = b""
-    for event in reversed(events):
-        if event["type"] == "trade":
+    for i in range(len(ticks) - 1, -1, -1):
+        if type(ticks[i]) is Trade:
             if not trade:
-                trade = orjson.dumps(event)
+                trade = _encode(events[i])
                 if quote:
                     break
         elif not quote:
-            quote = orjson.dumps(event)
+            quote = _encode(events[i])
             if trade:
                 break
     return trade, quote
@@ -503,12 +554,12 @@ class Bus:
         if not by_sym:
             return {}
         assigned = self._assigned
-        groups: dict[str, tuple[list[dict[str, object]], int]] = {}
+        groups: dict[str, tuple[list[WireEvent], int]] = {}
         marks: dict[str, list[bytes | str | int]] = {}
         for sym, sym_ticks in by_sym.items():
             known = assigned.get(sym)
             base = known.seq if known else 0
-            groups[sym] = ([tick_event(t, n) for n, t in enumerate(sym_ticks, base + 1)], base)
+            groups[sym] = ([wire_event(t, n) for n, t in enumerate(sym_ticks, base + 1)], base)
             if gaps:  # (the position of the tick each goes before, 1-based, then the gap)
                 for n, t in enumerate(sym_ticks, 1):
                     for gap in gaps.get(id(t), ()):
@@ -540,8 +591,9 @@ class Bus:
             args.append(len(gap_args) // 2)
             args.extend(gap_args)
             # The latest trade and quote, should the script find the seq as expected.
-            args.extend(_last_of_each_kind(events) if base and not gap_args else (b"", b""))
-            args.append(orjson.dumps(events))
+            last = _last_of_each_kind(by_sym[sym], events) if base and not gap_args else None
+            args.extend(last or (b"", b""))
+            args.append(encode_events(events))
         out = await self._publish(keys=keys, args=args)
         states = {
             out[j].decode(): SeqState(int(out[j + 1]), int(out[j + 2]))
