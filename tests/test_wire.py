@@ -105,8 +105,9 @@ def test_every_tick_is_encoded_once_in_the_wire_order_whatever_path(tick: Trade 
 
 
 def _random_tick(rng: random.Random, seen: int) -> Trade | Quote:
-    """A tick of any shape the feed can publish: every optional field set or not, a quote
-    crossed or not, prices and sizes from 1e-9 to 1e22, ids and times up to 2**63."""
+    """A tick of any shape the feed can publish: symbols of every character a symbol may have,
+    every optional field set or not, a quote crossed or not, prices and sizes from 1e-9 to
+    1e22, ids and times up to 2**63."""
 
     def number() -> float | int:
         r = rng.random()
@@ -120,11 +121,12 @@ def _random_tick(rng: random.Random, seen: int) -> Trade | Quote:
         return value if rng.random() < 0.8 else None
 
     ts = rng.randint(946_684_800 * 10**9, 4_102_444_799 * 10**9)
+    sym = ["AAPL", "BTC/USD", "BRK.B", "ETH-USD", "X_1", "0700"][seen % 6]
     if rng.random() < 0.5:
-        return Trade(f"S{seen % 7}", ts, number(), number(), maybe(rng.choice(["buy", "sell"])),
+        return Trade(sym, ts, number(), number(), maybe(rng.choice(["buy", "sell"])),
                      maybe("BINANCE"), maybe(rng.randint(0, 2**63 - 1)), maybe(ts + 1))  # fmt: skip
     bid, ask = number(), number()
-    return Quote(f"S{seen % 7}", ts, bid, maybe(number()), ask, maybe(number()), maybe("KRAKEN"),
+    return Quote(sym, ts, bid, maybe(number()), ask, maybe(number()), maybe("KRAKEN"),
                  maybe(ts + 2))  # fmt: skip
 
 
