@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
+import sys
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -446,7 +447,16 @@ def _hostile_frames(kind: str, rng: random.Random, n: int) -> list[str]:
     times = ["2021-02-22T15:51:44.208Z", "2000-01-01T00:00:00Z",
              "2099-12-31T23:59:59.999999999Z", "1999-12-31T23:59:59.999999999Z",
              "2100-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "not a time"]  # fmt: skip
-    ids = iter(range(1, 10**9))
+    counter = iter(range(1, 10**9))
+
+    def next_id() -> int:  # now and then one past what 64 bits hold (signed, unsigned)
+        # (in the last tenth only: after an id of 2**63 and more Kraken's consecutive ids are
+        # all replays of it, dropped)
+        k = next(counter)
+        return k if len(out) < n * 0.9 or rng.random() < 0.9 else rng.choice([2**63, 2**64]) + k
+
+    def unread() -> str:  # a field the adapter never reads: now and then beyond a double
+        return rng.choice(["0.5", "0.5", "0.5", "1e400"])
 
     def num() -> str:  # mostly good ones, so that whole messages pass the typing too
         return rng.choice(good_numbers if rng.random() < 0.85 else numbers)
@@ -460,18 +470,18 @@ def _hostile_frames(kind: str, rng: random.Random, n: int) -> list[str]:
         if kind == "kraken":
             if rng.random() < 0.5:
                 data = ",".join(f'{{"symbol":"MATIC/USD","side":"buy","price":{num()},'
-                                f'"qty":{num()},"ord_type":"market","trade_id":{next(ids)},'
+                                f'"qty":{num()},"ord_type":"market","trade_id":{next_id()},'
                                 f'"timestamp":"{ts()}"}}' for _ in range(k))  # fmt: skip
                 out.append(f'{{"channel":"trade","type":"update","data":[{data}]}}')
             else:
                 data = ",".join(f'{{"symbol":"MATIC/USD","bid":{num()},"bid_qty":{num()},'
-                                f'"ask":{num()},"ask_qty":{num()},"last":0.5,'
+                                f'"ask":{num()},"ask_qty":{num()},"last":{unread()},'
                                 f'"timestamp":"{ts()}"}}' for _ in range(k))  # fmt: skip
                 out.append(f'{{"channel":"ticker","type":"update","data":[{data}]}}')
             continue
         points = [
-            f'{{"T":"t","S":"AAPL","i":{next(ids)},"x":"V","p":{num()},"s":{num()},'
-            f'"t":"{ts()}","c":["@"],"z":"C"}}'
+            f'{{"T":"t","S":"AAPL","i":{next_id()},"x":"V","p":{num()},"s":{num()},'
+            f'"t":"{ts()}","c":[{unread()}],"z":"C"}}'
             if rng.random() < 0.5
             else f'{{"T":"q","S":"AAPL","bx":"U","bp":{num()},"bs":{num()},"ax":"Q",'
             f'"ap":{num()},"as":{num()},"c":["R"],"t":"{ts()}","z":"C"}}'
@@ -481,27 +491,81 @@ def _hostile_frames(kind: str, rng: random.Random, n: int) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["alpaca", "kraken"])
-def test_what_a_typed_adapter_vouches_for_passes_the_tick_checks(kind) -> None:
-    """Alpaca's and Kraken's typed decoding holds prices, sizes and times to the tick checks, so
-    the tickerplant does not screen a batch its adapter vouched for (``screened``): over 3,000
-    messages of good and bad numbers and times (zero, negative, below and beyond a double's
-    range, strings; before 2000, from 2100), each handed over alone, what is published (a
-    vouched batch as it is, any other screened) is what screening every tick publishes."""
-    rng = random.Random(7)
+def _outcome(kind: str, frames: list[tuple[str, int]], trust: bool) -> tuple[list[Any], ...]:
+    """What a feed of ``kind`` publishes of each frame (``trust``: a vouched batch as it is, any
+    other screened; else every batch screened), the reasons of what the screen rejected, and
+    the feed's counts."""
     names = {"AAPL": "AAPL"} if kind == "alpaca" else {"MATIC/USD": "MATIC/USD"}
     feed = VenueFeed(ADAPTERS[kind], names, secrets={"key_id": "", "secret_key": ""})
-    vouched = refused = 0
-    for raw in _hostile_frames(kind, rng, 3000):
-        recv_ns = time.time_ns() if rng.random() < 0.97 else 5  # (a clock before 2000)
+    published: list[Any] = []
+    rejected: list[Any] = []
+    vouched: list[Any] = []
+    for raw, recv_ns in frames:
         feed.adapter.on_message(raw, recv_ns)
         batch = feed.due(0, 0)
-        good = [t for t in batch if reject_reason(t) is None]
-        assert (batch if feed.screened else good) == good, raw
-        vouched += feed.screened and bool(batch)
-        refused += len(batch) - len(good)
+        reasons = [reject_reason(t) for t in batch]
+        good = [t for t, why in zip(batch, reasons, strict=True) if why is None]
+        if trust:
+            assert (batch if feed.screened else good) == good, raw  # a vouched batch is all good
+        published.append(batch if trust and feed.screened else good)
+        rejected.append([why for why in reasons if why is not None])
+        vouched.append(feed.screened and bool(batch))
+    counts = [feed.malformed_count, feed.unexpected_count, feed.continuity.duplicates]
+    return published, rejected, counts, vouched
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "kraken"])
+def test_what_a_typed_adapter_vouches_for_passes_the_tick_checks(kind, monkeypatch) -> None:
+    """Alpaca's and Kraken's typed decoding holds prices, sizes and times to the tick checks, so
+    the tickerplant does not screen a batch its adapter vouched for (``screened``). Over 3,000
+    messages of good and bad numbers and times (zero, negative, below and beyond a double's
+    range, strings; before 2000, from 2100; ids past 64 bits; fields never read beyond a
+    double), each handed over alone: a vouched batch passes the checks, and what is published,
+    rejected (by reason) and counted is what reading every message as its documented types
+    and screening every tick gives (the checked decoding replaced by the plain one)."""
+    frames = []
+    rng = random.Random(7)
+    for raw in _hostile_frames(kind, rng, 3000):
+        frames.append((raw, time.time_ns() if rng.random() < 0.97 else 5))  # (a clock before 2000)
+    published, rejected, counts, vouched = _outcome(kind, frames, trust=True)
+    module = sys.modules[ADAPTERS[kind].__module__]
+    checked, plain = (
+        ("_CHECKED_POINTS", "_DATA_POINTS") if kind == "alpaca" else ("_CHECKED", "_DATA")
+    )
+    monkeypatch.setattr(module, checked, getattr(module, plain))
+    as_read = _outcome(kind, frames, trust=False)
+    assert (published, rejected, counts) == as_read[:3]
     # Both kinds of batch were seen: vouched ones, and ticks the screen had to reject.
-    assert vouched > 1000 and refused > 100, (vouched, refused)
+    assert sum(vouched) > 1000 and sum(map(len, rejected)) > 100, (sum(vouched), counts)
+    assert counts[0] > 10, counts  # and messages that neither typed decoding takes
+
+
+def test_a_price_the_checks_reject_costs_only_its_own_tick() -> None:
+    """A message whose price the tick checks reject (0, -1) is still read typed, so the good
+    ticks beside it are published and the bad one is counted as ``bad_price``, whatever else
+    the message carries (a field never read beyond a double, which orjson would refuse); an id
+    past 64 bits is malformed, counted, never handed over."""
+    trade = ('{"T":"t","S":"AAPL","i":%d,"x":"V","p":%s,"s":1,"t":"2021-02-22T15:51:44.208Z",'
+             '"c":[%s],"z":"C"}')  # fmt: skip
+    kraken_trade = ('{"symbol":"MATIC/USD","side":"buy","price":%s,"qty":1,"ord_type":"market",'
+                    '"trade_id":%d,"timestamp":"2023-09-25T07:49:37.708706Z"}')  # fmt: skip
+    cases = [
+        ("alpaca", "[" + trade % (1, "126.5", "1e400") + "," + trade % (2, "0", '"@"') + "]",
+         [("AAPL", 1)], ["bad_price"], 0),
+        ("alpaca", "[" + trade % (2**64, "126.5", '"@"') + "," + trade % (2, "0", '"@"') + "]",
+         [], ["bad_price"], 1),
+        ("kraken", '{"channel":"ticker","type":"update","data":[{"symbol":"MATIC/USD","bid":0.5,'
+         '"bid_qty":1,"ask":0.6,"ask_qty":1,"last":1e400},{"symbol":"MATIC/USD","bid":0,'
+         '"bid_qty":1,"ask":0.6,"ask_qty":1}]}', [("MATIC/USD", None)], ["bad_price"], 0),
+        ("kraken", '{"channel":"trade","type":"update","data":[' + kraken_trade % ("0.5", 7)
+         + "," + kraken_trade % ("-1", 8) + "]}", [("MATIC/USD", 7)], ["bad_price"], 0),
+        ("kraken", '{"channel":"trade","type":"update","data":[' + kraken_trade % ("0.5", 2**64)
+         + "]}", [], [], 1),
+    ]  # fmt: skip
+    for kind, raw, published, rejected, malformed in cases:
+        ticks, reasons, counts, _ = _outcome(kind, [(raw, time.time_ns())], trust=True)
+        ids = [(t.sym, getattr(t, "trade_id", None)) for t in ticks[0]]
+        assert (ids, reasons[0], counts[0]) == (published, rejected, malformed), raw
 
 
 def test_continuity_drops_replays_and_finds_holes_in_trade_ids() -> None:

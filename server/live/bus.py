@@ -229,8 +229,10 @@ class _QuoteEvent(msgspec.Struct, tag_field="type", tag="quote", gc=False):
 
 
 _encode = msgspec.json.Encoder().encode
-# msgspec and orjson write every double below this the same (its shortest text); from here on
-# msgspec writes ``1e16`` where orjson writes ``1e+16``: such a tick takes orjson's path.
+# msgspec and orjson write every double of a magnitude below this the same (its shortest text);
+# from here on msgspec writes ``1e16`` where orjson writes ``1e+16``: such a tick takes orjson's
+# path. Prices and sizes are positive and times and ids ints in what the bus publishes (the
+# tick checks, the adapters), so only the upper bound is compared.
 _SAME_TEXT_BELOW = 1e16
 
 WireEvent = msgspec.Struct | msgspec.Raw
@@ -238,8 +240,9 @@ WireEvent = msgspec.Struct | msgspec.Raw
 
 def wire_event(tick: Tick, seq: int) -> WireEvent:
     """``tick_event(tick, seq)`` as ``encode_events`` takes it: byte for byte the JSON orjson
-    writes for that dict. A venue's usual tick is a Struct (no dict; encoded in C), any other
-    tick its dict already written by orjson."""
+    writes for that dict, for a tick the tick checks admit (what the tickerplant publishes). A
+    venue's usual tick is a Struct (no dict; encoded in C), any other tick its dict already
+    written by orjson."""
     if type(tick) is Trade:
         side, venue, trade_id, recv = tick.side, tick.venue, tick.trade_id, tick.recv_ts
         price, size = tick.price, tick.size
@@ -433,7 +436,7 @@ def _last_of_each_kind(ticks: list[Tick], events: list[WireEvent]) -> tuple[byte
     JSON (``b""``: none)."""
     trade = quote = b""
     for i in range(len(ticks) - 1, -1, -1):
-        if type(ticks[i]) is Trade:
+        if isinstance(ticks[i], Trade):
             if not trade:
                 trade = _encode(events[i])
                 if quote:

@@ -29,6 +29,11 @@ from server.ticks import Quote, Trade
 
 MS = 1_000_000  # ns per millisecond
 
+# A venue's id (a trade or update id) for the typed decoding: 64 bits, signed (what msgspec's
+# bounds take). One outside fails the typed decoding and is read with orjson, which reads up to
+# 2**64 - 1 as an integer and anything larger as a float, which ``venue_int`` refuses: no id
+# that orjson could not write reaches the tickerplant.
+VenueId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 # A price or size as the tick checks admit it (``server.ticks.reject_reason``), for an adapter's
 # typed decoding: a number above zero; msgspec refuses one beyond a double's range and JSON has
 # no NaN, so it is finite too. A message with any other fails the typed decoding.

@@ -12,13 +12,13 @@ inferred from them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import msgspec
 import orjson
 
-from server.feed.sources.adapter import Adapter, Positive, ns_from_iso, venue_int
+from server.feed.sources.adapter import Adapter, Positive, VenueId, ns_from_iso, venue_int
 from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Trade
 
 _TAKER = {"B": "buy", "S": "sell"}
@@ -26,14 +26,13 @@ _TAKER = {"B": "buy", "S": "sell"}
 
 class _Trade(msgspec.Struct, tag_field="T", tag="t"):
     """A trade data point: the fields read, of the documented types (a JSON integer size or
-    price becomes a float, as ``float()`` makes it; other fields of the point are skipped),
-    price and size as the tick checks admit them (``Positive``)."""
+    price becomes a float, as ``float()`` makes it; other fields of the point are skipped)."""
 
     S: str
     t: str
-    p: Positive
-    s: Positive
-    i: int
+    p: float
+    s: float
+    i: VenueId
     x: str | None = None  # the exchange (stocks)
     tks: str | None = None  # the taker's side (crypto)
 
@@ -43,14 +42,32 @@ class _Quote(msgspec.Struct, tag_field="T", tag="q"):
 
     S: str
     t: str
+    bp: float
+    bs: float
+    ap: float
+    as_: float = msgspec.field(name="as")
+
+
+class _CheckedTrade(_Trade, tag="t"):
+    """A trade point whose price and size the tick checks admit (``Positive``)."""
+
+    p: Positive
+    s: Positive
+
+
+class _CheckedQuote(_Quote, tag="q"):
+    """A quote point whose prices and sizes the tick checks admit."""
+
     bp: Positive
     bs: Positive
     ap: Positive
     as_: Positive = msgspec.field(name="as")
 
 
-# A frame of trade and quote points, typed: anything else fails to decode (``_frame`` reads it),
-# a point whose price or size the tick checks would reject too.
+# A frame of trade and quote points, typed: first held to the tick checks (nearly every frame);
+# a frame that fails them (a price of 0) read as its documented types, its ticks handed over
+# unscreened; anything else fails both (``_frame`` reads it).
+_CHECKED_POINTS = msgspec.json.Decoder(list[_CheckedTrade | _CheckedQuote])
 _DATA_POINTS = msgspec.json.Decoder(list[_Trade | _Quote])
 
 
@@ -75,7 +92,7 @@ class AlpacaStocks(Adapter):
     venue: ClassVar[str] = "ALPACA"
     default_url: ClassVar[str] = "wss://stream.data.alpaca.markets/v2/iex"
     consecutive_trade_ids: ClassVar[bool] = False
-    screens: ClassVar[bool] = True  # the typed decoding's; ``_frame`` calls ``unscreened``
+    screens: ClassVar[bool] = True  # the checked decoding's; the rest calls ``unscreened``
     # What tells a trade from a replay: on SIP a stock trade's id is unique per exchange (``x``),
     # so the key is (exchange, id).
     ids_per_exchange: ClassVar[bool] = True
@@ -94,14 +111,20 @@ class AlpacaStocks(Adapter):
 
     def on_message(self, raw: str | bytes, recv_ns: int) -> None:
         # A frame of trades and quotes only, nearly every frame, is decoded straight into the
-        # fields read (msgspec, typed: the rest of each point is skipped, not built); any other
-        # frame (a control message, another kind of point, a field not of the documented type)
-        # is read point by point by ``_frame``, which counts what it cannot publish.
+        # fields read (msgspec, typed: the rest of each point is skipped, not built), held to
+        # the tick checks or else (a price of 0) as read; any other frame (a control message,
+        # another kind of point, a field not of the documented type) is read point by point by
+        # ``_frame``, which counts what it cannot publish.
+        points: Sequence[_Trade | _Quote]
         try:
-            points = _DATA_POINTS.decode(raw)
+            points = _CHECKED_POINTS.decode(raw)
         except msgspec.DecodeError:
-            self._frame(raw, recv_ns)
-            return
+            try:
+                points = _DATA_POINTS.decode(raw)
+            except msgspec.DecodeError:
+                self._frame(raw, recv_ns)
+                return
+            self.sink.unscreened()  # a price or size the tick checks reject: screened, counted
         self._ticks(points, recv_ns)
 
     def _ticks(self, points: Iterable[_Trade | _Quote], recv_ns: int) -> None:

@@ -10,7 +10,7 @@ reconnect it fills a short hole, and what was already published is dropped as a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -19,6 +19,7 @@ import orjson
 from server.feed.sources.adapter import (
     Adapter,
     Positive,
+    VenueId,
     named_in,
     ns_from_iso,
     venue_int,
@@ -30,14 +31,13 @@ _CHANNELS = ("trade", "ticker")
 
 class _Trade(msgspec.Struct):
     """A trade of a ``trade`` message: the fields read, of the documented types (a JSON integer
-    price or size becomes a float, as ``float()`` makes it; the rest is skipped), price and
-    size as the tick checks admit them (``Positive``)."""
+    price or size becomes a float, as ``float()`` makes it; the rest is skipped)."""
 
     symbol: str
     side: str
-    price: Positive
-    qty: Positive
-    trade_id: int
+    price: float
+    qty: float
+    trade_id: VenueId
     timestamp: str
 
 
@@ -45,29 +45,55 @@ class _Ticker(msgspec.Struct):
     """A ``ticker`` entry: its best bid/ask (the day's figures are skipped)."""
 
     symbol: str
+    bid: float
+    bid_qty: float
+    ask: float
+    ask_qty: float
+    timestamp: str | None = None
+
+
+class _CheckedTrade(_Trade):
+    """A trade whose price and size the tick checks admit (``Positive``)."""
+
+    price: Positive
+    qty: Positive
+
+
+class _CheckedTicker(_Ticker):
+    """A ticker entry whose prices and sizes the tick checks admit."""
+
     bid: Positive
     bid_qty: Positive
     ask: Positive
     ask_qty: Positive
-    timestamp: str | None = None
 
 
 class _Trades(msgspec.Struct, tag_field="channel", tag="trade"):
     type: str
-    data: list[_Trade]
+    data: Sequence[_Trade]
 
 
 class _Tickers(msgspec.Struct, tag_field="channel", tag="ticker"):
     type: str
-    data: list[_Ticker]
+    data: Sequence[_Ticker]
+
+
+class _CheckedTrades(_Trades, tag="trade"):
+    data: Sequence[_CheckedTrade]
+
+
+class _CheckedTickers(_Tickers, tag="ticker"):
+    data: Sequence[_CheckedTicker]
 
 
 class _Heartbeat(msgspec.Struct, tag_field="channel", tag="heartbeat"):
     pass
 
 
-# A trade, ticker or heartbeat message, typed: anything else fails to decode (``_message``), a
-# trade or ticker whose price or size the tick checks would reject too.
+# A trade, ticker or heartbeat message, typed: first held to the tick checks (nearly every
+# message); one that fails them (a bid of 0) read as its documented types, its ticks handed over
+# unscreened; anything else fails both (``_message`` reads it).
+_CHECKED = msgspec.json.Decoder(_CheckedTrades | _CheckedTickers | _Heartbeat)
 _DATA = msgspec.json.Decoder(_Trades | _Tickers | _Heartbeat)
 
 
@@ -88,7 +114,7 @@ class Kraken(Adapter):
     venue: ClassVar[str] = "KRAKEN"
     default_url: ClassVar[str] = "wss://ws.kraken.com/v2"
     silence_s: ClassVar[float | None] = 10.0
-    screens: ClassVar[bool] = True  # the typed decoding's; ``_message`` calls ``unscreened``
+    screens: ClassVar[bool] = True  # the checked decoding's; the rest calls ``unscreened``
 
     def on_connected(self) -> None:
         super().on_connected()
@@ -114,14 +140,18 @@ class Kraken(Adapter):
         # message (an acknowledgement, an error, a field not of the documented type) is read by
         # ``_message``, which counts what it cannot publish.
         try:
-            msg = _DATA.decode(raw)
+            msg = _CHECKED.decode(raw)
         except msgspec.DecodeError:
-            self._message(raw, recv_ns)
-            return
+            try:
+                msg = _DATA.decode(raw)
+            except msgspec.DecodeError:
+                self._message(raw, recv_ns)
+                return
+            self.sink.unscreened()  # a price or size the tick checks reject: screened, counted
         try:
-            if type(msg) is _Trades:
+            if isinstance(msg, _Trades):
                 self._trades(msg.data, msg.type == "snapshot", recv_ns)
-            elif type(msg) is _Tickers:
+            elif isinstance(msg, _Tickers):
                 self._tickers(msg.data, msg.type == "snapshot", recv_ns)
         except ValueError as exc:  # a time that is not one: the rest of the message is not read
             self.sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
