@@ -21,13 +21,15 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Hashable, Iterable
-from typing import Annotated, ClassVar, Protocol
+from typing import Annotated, ClassVar, Protocol, TypeVar
 
 import msgspec
 
 from server.ticks import Quote, Trade
 
 MS = 1_000_000  # ns per millisecond
+C = TypeVar("C")  # what a checked decoding gives
+P = TypeVar("P")  # ... and the plain one
 
 # A venue's id (a trade or update id) for the typed decoding: 64 bits, signed (what msgspec's
 # bounds take). One outside fails the typed decoding and is read with orjson, which reads up to
@@ -107,6 +109,25 @@ class Adapter:
         self.sink = sink
         self.secrets = secrets
         self.ready = False  # every subscription confirmed
+
+    def decode_checked(
+        self, raw: str | bytes, checked: msgspec.json.Decoder[C], plain: msgspec.json.Decoder[P]
+    ) -> C | P | None:
+        """A data message decoded typed (only the fields read are built): by ``checked``, which
+        holds prices and sizes to the tick checks (``Positive``), nearly every message; one it
+        refuses (a price of 0) by ``plain``, its documented types, and its ticks then handed
+        over unscreened, so the tickerplant rejects (and counts) only the bad ones. None:
+        neither takes it (a control message, a field not of its documented type)."""
+        try:
+            return checked.decode(raw)
+        except msgspec.DecodeError:
+            pass
+        try:
+            msg = plain.decode(raw)
+        except msgspec.DecodeError:
+            return None
+        self.sink.unscreened()
+        return msg
 
     def url(self, base: str) -> str:
         """The URL to connect to, from the venue's (or ``--url``'s) endpoint."""

@@ -115,16 +115,12 @@ class AlpacaStocks(Adapter):
         # the tick checks or else (a price of 0) as read; any other frame (a control message,
         # another kind of point, a field not of the documented type) is read point by point by
         # ``_frame``, which counts what it cannot publish.
-        points: Sequence[_Trade | _Quote]
-        try:
-            points = _CHECKED_POINTS.decode(raw)
-        except msgspec.DecodeError:
-            try:
-                points = _DATA_POINTS.decode(raw)
-            except msgspec.DecodeError:
-                self._frame(raw, recv_ns)
-                return
-            self.sink.unscreened()  # a price or size the tick checks reject: screened, counted
+        points: Sequence[_Trade | _Quote] | None = self.decode_checked(
+            raw, _CHECKED_POINTS, _DATA_POINTS
+        )
+        if points is None:
+            self._frame(raw, recv_ns)
+            return
         self._ticks(points, recv_ns)
 
     def _ticks(self, points: Iterable[_Trade | _Quote], recv_ns: int) -> None:

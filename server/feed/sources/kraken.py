@@ -139,15 +139,10 @@ class Kraken(Adapter):
         # fields read (msgspec, typed: a ticker's day figures are skipped, not built); any other
         # message (an acknowledgement, an error, a field not of the documented type) is read by
         # ``_message``, which counts what it cannot publish.
-        try:
-            msg = _CHECKED.decode(raw)
-        except msgspec.DecodeError:
-            try:
-                msg = _DATA.decode(raw)
-            except msgspec.DecodeError:
-                self._message(raw, recv_ns)
-                return
-            self.sink.unscreened()  # a price or size the tick checks reject: screened, counted
+        msg = self.decode_checked(raw, _CHECKED, _DATA)
+        if msg is None:
+            self._message(raw, recv_ns)
+            return
         try:
             if isinstance(msg, _Trades):
                 self._trades(msg.data, msg.type == "snapshot", recv_ns)
