@@ -25,7 +25,7 @@ from typing import Annotated, ClassVar, Protocol, TypeVar
 
 import msgspec
 
-from server.ticks import Quote, Trade
+from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Trade
 
 MS = 1_000_000  # ns per millisecond
 C = TypeVar("C")  # what a checked decoding gives
@@ -111,13 +111,20 @@ class Adapter:
         self.ready = False  # every subscription confirmed
 
     def decode_checked(
-        self, raw: str | bytes, checked: msgspec.json.Decoder[C], plain: msgspec.json.Decoder[P]
+        self,
+        raw: str | bytes,
+        recv_ns: int,
+        checked: msgspec.json.Decoder[C],
+        plain: msgspec.json.Decoder[P],
     ) -> C | P | None:
         """A data message decoded typed (only the fields read are built): by ``checked``, which
         holds prices and sizes to the tick checks (``Positive``), nearly every message; one it
         refuses (a price of 0) by ``plain``, its documented types, and its ticks then handed
-        over unscreened, so the tickerplant rejects (and counts) only the bad ones. None:
-        neither takes it (a control message, a field not of its documented type)."""
+        over unscreened, so the tickerplant rejects (and counts) only the bad ones; so too when
+        the receive time is outside the checks' range. None: neither takes it (a control
+        message, a field not of its documented type)."""
+        if not MIN_TS_NS <= recv_ns < MAX_TS_NS:
+            self.sink.unscreened()
         try:
             return checked.decode(raw)
         except msgspec.DecodeError:

@@ -116,7 +116,7 @@ class AlpacaStocks(Adapter):
         # another kind of point, a field not of the documented type) is read point by point by
         # ``_frame``, which counts what it cannot publish.
         points: Sequence[_Trade | _Quote] | None = self.decode_checked(
-            raw, _CHECKED_POINTS, _DATA_POINTS
+            raw, recv_ns, _CHECKED_POINTS, _DATA_POINTS
         )
         if points is None:
             self._frame(raw, recv_ns)
@@ -131,8 +131,6 @@ class AlpacaStocks(Adapter):
         names, venue, by_exchange = self.names, self.venue, self.ids_per_exchange
         trade, quote = sink.trade, sink.quote
         lo, hi = MIN_TS_NS, MAX_TS_NS  # the times the tick checks admit
-        if not lo <= recv_ns < hi:
-            sink.unscreened()
         for p in points:
             try:
                 sym = names.get(p.S)

@@ -139,7 +139,7 @@ class Kraken(Adapter):
         # fields read (msgspec, typed: a ticker's day figures are skipped, not built); any other
         # message (an acknowledgement, an error, a field not of the documented type) is read by
         # ``_message``, which counts what it cannot publish.
-        msg = self.decode_checked(raw, _CHECKED, _DATA)
+        msg = self.decode_checked(raw, recv_ns, _CHECKED, _DATA)
         if msg is None:
             self._message(raw, recv_ns)
             return
@@ -157,8 +157,6 @@ class Kraken(Adapter):
         sink = self.sink
         names, venue, trade = self.names, self.venue, sink.trade
         lo, hi = MIN_TS_NS, MAX_TS_NS  # the times the tick checks admit
-        if not lo <= recv_ns < hi:
-            sink.unscreened()
         for t in trades:
             sym = names.get(t.symbol)
             if sym is None:
@@ -176,8 +174,6 @@ class Kraken(Adapter):
         sink = self.sink
         names, venue, quote = self.names, self.venue, sink.quote
         lo, hi = MIN_TS_NS, MAX_TS_NS  # the times the tick checks admit
-        if not lo <= recv_ns < hi:
-            sink.unscreened()
         for q in tickers:
             sym = names.get(q.symbol)
             if sym is None:
