@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -53,8 +54,23 @@ class RedactKeys(logging.Filter):
         elif isinstance(record.args, dict):
             record.args = {k: _masked(v) for k, v in record.args.items()}
         if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = redact(_exception_text(record.exc_info))
         return True
+
+
+def _exception_text(exc_info: Any) -> str:
+    """A record's exception as the logging formatter writes it; a malformed ``exc_info`` (uvloop
+    logs an exception class, not an instance, after a failed TLS handshake: its
+    ``__traceback__`` is a descriptor) as its type and value, never a failure of the log call."""
+    try:
+        etype, value, tb = exc_info
+        if isinstance(value, type) and issubclass(value, BaseException):
+            return value.__name__
+        return logging.Formatter().formatException(
+            (etype, value, tb if isinstance(tb, TracebackType) else None)
+        )
+    except Exception:  # whatever a library put there, the record is still written
+        return f"{exc_info!r}"[:500]
 
 
 def redact_root_logging() -> None:

@@ -223,8 +223,8 @@ class _Collect:
     def unscreened(self) -> None:
         self.vouched = False
 
-    def __getattr__(self, name: str) -> Any:
-        return lambda text: self.calls.append((name, text))
+    def __getattr__(self, name: str) -> Any:  # (``refused`` also gets the symbol: "" or one)
+        return lambda *args: self.calls.append((name, args[-1]))
 
 
 def _decimal_fields(kind: str, p: dict[str, Any]) -> tuple[str, ...]:
@@ -1324,3 +1324,269 @@ def test_a_backlog_goes_out_in_bounded_batches_with_each_gap_in_place() -> None:
     [(at, gap)] = gaps_second
     assert at == 0 and (gap.first, gap.last) == (MAX_BATCH + 1, MAX_BATCH + 2)
     assert feed.due(0, 0) == [] and feed.take_gaps() == []
+
+
+# -- what a black-box review of the live sources found (2026-12-01) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "syms", "quote"),
+    [("coinbase", ["BAND-BTC"], next(m for m in COINBASE if '"ticker"' in m)),
+     ("binance", ["FTMUSDT"], next(m for m in BINANCE_SPOT if "bookTicker" in m))],
+    ids=["coinbase-ticker", "binance-spot-bookticker"],
+)  # fmt: skip
+async def test_a_restarted_feed_does_not_publish_the_last_quote_again(
+    redis_url, kind, syms, quote
+) -> None:
+    """A numbered quote (Coinbase `sequence`, Binance `u`) the venue sends again after a restart
+    is the one the earlier run published: not stored twice (Binance spot's has no venue time,
+    so its receive time differs, and still it is the same quote); a new one is published."""
+    venue = await FakeVenue(kind).start()
+    newer = quote.replace('"best_bid":"0.00033422"', '"best_bid":"0.00033400"').replace(
+        '"b":"0.33989000"', '"b":"0.33900000"'
+    )
+    newer = newer.replace('"sequence":', '"sequence":1').replace('"u":', '"u":1')
+    try:
+        async with running(redis_url, venue, kind, syms) as run:
+            await venue.subscribed(1)
+            await venue.emit([quote])
+            await _published(run, syms, 1)
+        async with running(redis_url, venue, kind, syms, flush=False) as run:
+            await venue.subscribed(2)
+            await venue.emit([quote])
+            await eventually(lambda: run.feed.continuity.duplicates == 1, what="dropped")
+            await venue.emit([newer])
+            got = await _published(run, syms, 2)
+            await asyncio.sleep(0.2)
+            got = [e for s in syms for e in await run.events(s)]
+            assert [e["type"] for e in got] == ["quote", "quote"]
+            assert got[0]["bid"] != got[1]["bid"] and run.feed.continuity.duplicates == 1
+    finally:
+        await venue.stop()
+
+
+def test_coinbase_ticker_sent_on_subscribing_is_a_snapshot() -> None:
+    """On subscribing Coinbase sends each product's ticker, which may be old: the first ticker
+    of each product on a connection is not latency; the ones after it are."""
+    sink = _Collect()
+    tickers = [m for m in COINBASE if '"ticker"' in m and '"BAND-BTC"' in m][:2]
+    adapter = ADAPTERS["coinbase"]({"BAND-BTC": "BAND-BTC"}, sink, {})
+    adapter.on_connected()
+    for m in tickers:
+        adapter.on_message(m, 1)
+    adapter.on_connected()  # a reconnect: the venue sends it again
+    adapter.on_message(tickers[1], 1)
+    assert sink.snapshots == [True, False, True]
+
+
+def test_latency_leaves_out_a_time_the_tick_checks_reject() -> None:
+    """A trade whose time is not one (Binance `T` in µs read as ms: year 50,000) is rejected
+    by the tick checks; it is not a latency sample either, in the percentiles or the
+    per-second sparkline."""
+    feed = VenueFeed(ADAPTERS["binance"], {"BTCUSDT": "BTCUSDT"})
+    now = time.time_ns()
+    feed.trade(Trade("BTCUSDT", now - 5_000_000, 1.0, 1.0, "buy", "BINANCE", 1, now))
+    feed.trade(Trade("BTCUSDT", now * 1000, 1.0, 1.0, "buy", "BINANCE", 2, now))
+    feed.due(0, 0)
+    p50, p99, spark = feed.latency_ms(now)
+    assert (p50, p99, spark) == (5.0, 5.0, [5.0])
+
+
+def test_binance_url_keeps_the_query_given_and_reads_microsecond_times() -> None:
+    """`--url` with the venue's own parameters (`timeUnit=MICROSECOND`): the streams are added
+    with `&`, and the venue's times, then in µs, are read as such."""
+    sink = _Collect()
+    adapter = ADAPTERS["binance-futures"]({"BTCUSDT": "BTCUSDT"}, sink, {})
+    base = "wss://fstream.binance.com/stream"
+    assert adapter.url(base) == f"{base}?streams=btcusdt@trade/btcusdt@bookTicker"
+    adapter.on_message(BINANCE_FUTURES[0], 1)
+    url = adapter.url(base + "?timeUnit=MICROSECOND")
+    assert url == f"{base}?timeUnit=MICROSECOND&streams=btcusdt@trade/btcusdt@bookTicker"
+    micro = orjson.loads(BINANCE_FUTURES[0])
+    micro["data"]["T"] *= 1000
+    adapter.on_message(orjson.dumps(micro), 1)
+    assert sink.ticks[0].ts == sink.ticks[1].ts == 1660228023973 * 10**6
+    assert adapter.url(base + "?") == f"{base}?streams=btcusdt@trade/btcusdt@bookTicker"
+
+
+def test_binance_refuses_more_symbols_than_one_connection_serves() -> None:
+    """Binance serves at most 1,024 streams on a connection, two a symbol: 513 symbols are
+    refused at start, saying what to do, not retried for ever against the venue's refusal."""
+    names = {f"S{i:03d}USDT": f"S{i:03d}USDT" for i in range(513)}
+    with pytest.raises(VenueRefused, match="at most 512 symbols and run several feeds"):
+        VenueFeed(ADAPTERS["binance"], names)
+    VenueFeed(ADAPTERS["binance"], dict(list(names.items())[:512]))
+
+
+async def test_a_trade_the_checks_reject_is_an_upstream_gap_of_its_id(redis_url) -> None:
+    """A venue trade that arrives but fails the tick checks (a price of 0) is a hole in the
+    venue's ids that the next trade does not show: it is reported in-band as an upstream gap
+    of its own id, before the next trade, and counted as rejected and as a gap."""
+    venue = await FakeVenue("binance-futures").start()
+    trades = BINANCE_FUTURES[:5]
+    bad = orjson.loads(trades[2])
+    bad["data"]["p"] = "0.00"
+    try:
+        async with running(redis_url, venue, "binance-futures", ["BTCUSDT"]) as run:
+            await venue.subscribed(1)
+            await venue.emit([*trades[:2], orjson.dumps(bad).decode(), *trades[3:]])
+            await _published(run, ["BTCUSDT"], 5)
+            events = await run.events("BTCUSDT")
+            assert [e.get("trade_id", e.get("code")) for e in events] == [
+                2691833663, 2691833664, "upstream_gap", 2691833666, 2691833667]  # fmt: skip
+            gap = events[2]
+            assert (gap["first_id"], gap["last_id"], gap["missing"]) == (2691833665,) * 2 + (1,)
+            assert gap["after_seq"] == events[1]["seq"] == events[3]["seq"] - 1
+            assert run.plant.rejected == {"bad_price": 1}
+            f = run.feed.figures()
+            assert (f["upstream_gaps"], f["missing_trades"]) == (1, 1)
+    finally:
+        await venue.stop()
+
+
+async def test_a_subscription_never_confirmed_says_so(redis_url) -> None:
+    """A venue that never confirms the subscription: the source retries, its reason says what
+    it waited for and how long (not a bare `TimeoutError`)."""
+    venue = await FakeVenue("coinbase", refuse=frozenset()).start()
+
+    async def silent(conn: Any, msg: dict[str, Any]) -> None:
+        pass
+
+    venue._coinbase = silent  # type: ignore[method-assign]
+    try:
+        async with running(redis_url, venue, "coinbase", ["BAND-BTC"],
+                           subscribe_timeout_s=0.3) as run:  # fmt: skip
+            await eventually(lambda: run.feed.reason, what="a failed attempt")
+            assert run.feed.state == "connecting"
+            assert run.feed.reason == (
+                "TimeoutError: the venue did not confirm the subscription within 0.3s"
+            )
+    finally:
+        await venue.stop()
+
+
+async def test_wss_to_a_plain_endpoint_says_tls_and_logs_no_traceback(redis_url, tmp_path):
+    """`--url wss://` against a plain WebSocket server: each attempt fails in the TLS handshake,
+    the reason says so, and the log has no traceback (uvloop logs an exception class there,
+    which the key-masking log filter once failed on, a 30-line traceback per attempt)."""
+    venue = await FakeVenue("coinbase").start()
+    try:
+        proc = await _cli_feed(redis_url, tmp_path, "--source", "coinbase", "--symbols",
+                               "BAND-BTC", "--url", venue.url.replace("ws://", "wss://"),
+                               "--name", "tls")  # fmt: skip
+        assert proc.stdout is not None
+        lines_read: list[str] = []
+        try:
+            async with asyncio.timeout(CLI_S):
+                while not any("retrying" in line for line in lines_read):
+                    lines_read.append((await proc.stdout.readline()).decode())
+                    assert lines_read[-1], lines_read
+        finally:
+            proc.terminate()
+            out, _ = await asyncio.wait_for(proc.communicate(), CLI_S)
+        text = "".join(lines_read) + out.decode()
+        assert "in the TLS handshake with wss://127.0.0.1" in text, text
+        assert "wss:// is TLS, ws:// plain" in text
+        assert "Traceback" not in text and "Exception in default exception handler" not in text
+    finally:
+        await venue.stop()
+
+
+async def test_no_pong_to_the_pings_is_the_reason_given_not_a_dropped_connection(redis_url):
+    """A venue that hangs (its process stopped: the socket stays open, nothing is read): the
+    session's pings go unanswered, it reconnects, and the reason is the missing pong."""
+    venue = await FakeVenue("coinbase").start()
+    try:
+        async with running(redis_url, venue, "coinbase", ["BAND-BTC"], ping_interval_s=0.2,
+                           ping_timeout_s=0.3) as run:  # fmt: skip
+            await venue.subscribed(1)
+            for conn in venue.conns:
+                conn.ws.transport.pause_reading()  # pings unread, never answered
+            await venue.subscribed(2)
+            assert run.feed.reconnects == 1
+            assert run.feed.last_error == (
+                "no pong to the WebSocket pings (1011 keepalive ping timeout)"
+            )
+            await eventually(lambda: run.feed.state == "live", what="live again")
+    finally:
+        await venue.stop()
+
+
+async def test_a_source_refused_at_start_is_listed_down_with_the_venues_reason(
+    redis_url, tmp_path
+) -> None:
+    """The venue refuses a symbol as the feed starts: the feed exits at once, and its source is
+    still listed (`tp:sources`, what `GET /sources` shows) as down with the venue's reason."""
+    venue = await FakeVenue("coinbase", refuse=frozenset({"GIBBERISH-USD"})).start()
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.hdel("tp:sources", "refused")
+        args = ["--source", "coinbase", "--name", "refused", "--url", venue.url]
+        proc = await _cli_feed(redis_url, tmp_path, *args, "--symbols", "BTC-USD,GIBBERISH-USD")
+        await asyncio.wait_for(proc.communicate(), CLI_S)
+        assert proc.returncode == 1
+        source = orjson.loads(await r.hget("tp:sources", "refused"))
+        assert source["state"] == "down" and source["kind"] == "coinbase"
+        assert source["reason"].startswith("coinbase refused the symbol GIBBERISH-USD:")
+    finally:
+        await r.aclose()
+        await venue.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "msg", "says"),
+    [(405, "symbol limit exceeded", "subscribe fewer symbols"),
+     (410, "invalid subscribe action for this feed", "does not serve what was asked")],
+)  # fmt: skip
+def test_alpaca_subscribe_errors_that_retrying_cannot_mend_are_refusals(code, msg, says) -> None:
+    """Alpaca answers the subscription with 405 (symbol limit) or 410 (not on this feed): a
+    refusal saying what to change (the feed stops at start), not a retry every 10 s."""
+    sink = _Collect()
+    ADAPTERS["alpaca"]({"AAPL": "AAPL"}, sink, {}).on_message(
+        orjson.dumps([{"T": "error", "code": code, "msg": msg}]), 1
+    )
+    [(call, text)] = sink.calls
+    assert call == "refused" and text.startswith(f"{code} {msg}: ") and says in text
+
+
+def test_a_kraken_error_reply_to_any_request_is_a_venue_error() -> None:
+    """Kraken answers a request it cannot serve with `success: false` and an `error`: counted
+    as an error reply of the venue (with its text), not as an unknown message."""
+    sink = _Collect()
+    adapter = ADAPTERS["kraken"]({"BTC/USD": "BTC/USD"}, sink, {})
+    for reply in ({"error": "Method not found", "method": "frobnicate", "success": False},
+                  {"error": "Internal error", "success": False},
+                  {"error": "Subscription not found", "method": "unsubscribe", "success": False,
+                   "symbol": "ETH/USD"}):  # fmt: skip
+        times = {"time_in": "2023-09-25T09:04:31.742599Z", "time_out": "2023-09-25T09:04:31.7426Z"}
+        adapter.on_message(orjson.dumps({**reply, **times}), 1)
+    assert sink.calls == [
+        ("venue_error", "frobnicate: Method not found"),
+        ("venue_error", "a request: Internal error"),
+        ("venue_error", "unsubscribe: Subscription not found"),
+    ]
+
+
+async def test_a_stopped_feed_frees_its_symbols_and_is_listed_down_at_once(redis_url) -> None:
+    """A live feed stopped cleanly: its heartbeat goes at once, so another feed may take its
+    symbols right away and no page shows it live for the seconds its heartbeat had left; its
+    source is listed down, saying the feed stopped."""
+    venue = await FakeVenue("coinbase").start()
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        async with running(redis_url, venue, "coinbase", ["BAND-BTC"]):
+            await venue.subscribed(1)
+            await eventually(lambda: r.hget("tp:sources", "test-coinbase"), what="a heartbeat")
+        assert await r.exists("tp:feed:test-coinbase") == 0
+        source = orjson.loads(await r.hget("tp:sources", "test-coinbase"))
+        assert (source["state"], source["reason"]) == ("down", "the feed stopped")
+        settings = Settings(redis_url=redis_url, feed_name="other", feed_batch_ms=5)
+        other = Tickerplant(settings, VenueFeed(ADAPTERS["coinbase"], {"BAND-BTC": "BAND-BTC"},
+                                                venue.url))  # fmt: skip
+        task = asyncio.create_task(other.run())
+        await venue.subscribed(2)  # not refused as "already published by the feed"
+        other.stop()
+        await asyncio.wait_for(task, WAIT_S)
+    finally:
+        await r.aclose()
+        await venue.stop()

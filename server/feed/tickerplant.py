@@ -26,7 +26,7 @@ from server.feed.sources.adapter import VenueRefused
 from server.feed.sources.continuity import UpstreamGap
 from server.live.bus import Bus, Layout, encode_upstream_gap, gaps_before
 from server.live.connection import REDIS_DOWN, open_redis
-from server.ops.heartbeat import FeedBeat, current_feeds, publish_feed
+from server.ops.heartbeat import FeedBeat, current_feeds, feed_stopped, publish_feed
 from server.ticks import Tick, reject_reason
 
 
@@ -55,6 +55,11 @@ class LiveSource(Source, Protocol):
 
     def take_gaps(self) -> list[tuple[int, UpstreamGap]]:
         """The upstream gaps among the ticks ``due`` just returned (index of the tick after)."""
+        ...
+
+    def unpublished(self, rejected: list[tuple[int, Tick]]) -> list[tuple[int, UpstreamGap]]:
+        """The upstream gaps that ticks ``due`` just returned and the tick checks rejected
+        (each with its index) leave in the venue's numbering: one per numbered trade."""
         ...
 
     def figures(self) -> dict[str, Any]: ...
@@ -188,19 +193,32 @@ class Tickerplant:
             now = time.monotonic()
             rate = (self.published - prev) / (now - prev_t)
             prev, prev_t = self.published, now
-            beat = FeedBeat(
-                state=self.state,
-                pid=os.getpid(),
-                rate=rate,
-                published=self.published,
-                rejected=dict(self.rejected),
-                last_rejects=list(self.last_rejects),
-                last_tick_ns=self.last_tick_ns,
-                updated_ns=time.time_ns(),
-                source=self.live.figures() if self.live is not None else {},
-            )
             with contextlib.suppress(*REDIS_DOWN):
-                await publish_feed(self.redis, self.settings.feed_name, beat)
+                await publish_feed(self.redis, self.settings.feed_name, self._beat(rate))
+
+    async def _source_stopped(self) -> None:
+        """List the live source as down, with why (the venue's refusal, or the feed stopped),
+        as the process ends: also when it failed within its first second (no heartbeat yet)."""
+        assert self.live is not None
+        source = self.live.figures()
+        if source.get("state") != "down":
+            why = str(self.failure)[:200] if self.failure is not None else "the feed stopped"
+            source |= {"state": "down", "reason": why, "messages_per_s": 0.0}
+        with contextlib.suppress(TimeoutError, *REDIS_DOWN):
+            await asyncio.wait_for(feed_stopped(self.redis, self.settings.feed_name, source), 5)
+
+    def _beat(self, rate: float) -> FeedBeat:
+        return FeedBeat(
+            state=self.state,
+            pid=os.getpid(),
+            rate=rate,
+            published=self.published,
+            rejected=dict(self.rejected),
+            last_rejects=list(self.last_rejects),
+            last_tick_ns=self.last_tick_ns,
+            updated_ns=time.time_ns(),
+            source=self.live.figures() if self.live is not None else {},
+        )
 
     async def publish_due(self, ticks: list[Tick]) -> None:
         """Publish what the source handed over; a live source's upstream gaps go out in-band,
@@ -208,6 +226,10 @@ class Tickerplant:
         live = self.live
         good = ticks if live is not None and live.screened else self.screen(ticks)
         gaps = live.take_gaps() if live is not None else []
+        if live is not None and len(good) < len(ticks):  # a rejected trade is a hole too
+            kept = {id(t) for t in good}
+            rejected = [(i, t) for i, t in enumerate(ticks) if id(t) not in kept]
+            gaps += live.unpublished(rejected)
         placed = self.place_gaps(ticks, good, gaps) if gaps or self._gaps_waiting else []
         await self.publish(good, placed)
 
@@ -242,7 +264,11 @@ class Tickerplant:
             while not self._stop.is_set():
                 try:
                     if self.live is not None:
-                        await self._refuse_symbols_of_other_sources()
+                        try:
+                            await self._refuse_symbols_of_other_sources()
+                        except VenueRefused as exc:
+                            self.failure = exc
+                            raise
                         latest = await self.bus.latest(self.source.symbols)
                         self.live.resume({s: (x.trade, x.quote) for s, x in latest.items()})
                     async with self.redis.pipeline(transaction=False) as pipe:
@@ -283,6 +309,8 @@ class Tickerplant:
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if self.live is not None:
+                await self._source_stopped()
             await self.redis.aclose()
         if self.failure is not None:
             raise self.failure

@@ -228,8 +228,9 @@ class StatusBoard:
             live = "source" in p.figures and p.state != DOWN
             entry = {"name": name, **(p.figures["source"] if live else self._stored_sources[name])}
             entry["ticks_per_s"] = p.figures.get("rate", 0.0) if live else 0.0
-            if p.state == DOWN:
-                entry |= {"state": "down", "reason": p.reason, "messages_per_s": 0.0}
+            if p.state == DOWN:  # the source's own reason when it went down (a refusal)
+                why = entry.get("reason") if entry.get("state") == "down" else None
+                entry |= {"state": "down", "reason": why or p.reason, "messages_per_s": 0.0}
             out.append(entry)
         return out
 

@@ -194,6 +194,15 @@ async def publish_feed(redis: RedisClient, name: str, beat: FeedBeat) -> None:
         await redis.hset(SOURCES_KEY, name, orjson.dumps(beat.source))
 
 
+async def feed_stopped(redis: RedisClient, name: str, source: dict[str, Any]) -> None:
+    """A live source's feed process ends: its source is listed as it ended (``down``, with the
+    reason) and its heartbeat goes at once, so no page shows it live for the seconds its
+    heartbeat had left and its symbols are free for another feed."""
+    await redis.hset(SOURCES_KEY, name, orjson.dumps(source))
+    await redis.delete(FEED_KEY_PREFIX + name)
+    await redis.zadd(PROCS_KEY, {"feed:" + name: time.time()})
+
+
 async def current_feeds(redis: RedisClient) -> dict[str, FeedBeat]:
     """The feeds whose heartbeat is current (name -> its record)."""
     members = cast(list[bytes], await redis.zrange(PROCS_KEY, 0, -1))

@@ -83,8 +83,14 @@ def _quote_of(p: dict[str, Any]) -> _Quote:
     return _Quote(p["S"], p["t"], float(p["bp"]), float(p["bs"]), float(p["ap"]), float(p["as"]))
 
 
-# Errors after which reconnecting cannot help: the key or the plan must change.
-_FINAL = {402: "auth failed", 409: "insufficient subscription"}
+# Errors after which reconnecting cannot help (the venue's codes), and what must change.
+_KEYS = "check TICKPIPE_ALPACA_KEY_ID, TICKPIPE_ALPACA_SECRET_KEY and its plan"
+_FINAL = {
+    402: _KEYS,  # auth failed
+    405: "subscribe fewer symbols (--symbols) or get a plan that allows more",  # symbol limit
+    409: _KEYS,  # insufficient subscription
+    410: "this feed (--url, --source alpaca or alpaca-crypto) does not serve what was asked",
+}
 
 
 class AlpacaStocks(Adapter):
@@ -189,8 +195,7 @@ class AlpacaStocks(Adapter):
         elif kind == "error":
             code, text = p.get("code"), str(p.get("msg"))[:200]
             if code in _FINAL:
-                advice = "check TICKPIPE_ALPACA_KEY_ID, TICKPIPE_ALPACA_SECRET_KEY and its plan"
-                sink.refused("", f"{code} {text}: {advice}")
+                sink.refused("", f"{code} {text}: {_FINAL[code]}")
             else:
                 sink.venue_error(f"{code} {text}")
         else:

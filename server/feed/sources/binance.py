@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import ClassVar
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
@@ -18,6 +19,7 @@ from server.feed.sources.adapter import MS, Adapter, Sink, VenueRefused, venue_i
 from server.ticks import Quote, Trade
 
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,30}$")
+MAX_STREAMS = 1024  # a connection's streams at most (the venue's limit)
 
 
 class BinanceSpot(Adapter):
@@ -26,9 +28,16 @@ class BinanceSpot(Adapter):
     default_url: ClassVar[str] = "wss://stream.binance.com:9443/stream"
     lifetime_s: ClassVar[float | None] = 23.5 * 3600  # Binance closes connections at 24 h
     agg_trades = False  # subscribe <sym>@aggTrade (one trade per taker order) instead of @trade
+    time_unit = MS  # ns per unit of the venue's times (ms unless the URL asks for µs)
 
     def __init__(self, symbols: dict[str, str], sink: Sink, secrets: dict[str, str]) -> None:
         super().__init__(symbols, sink, secrets)
+        if len(symbols) > MAX_STREAMS // 2:
+            raise VenueRefused(
+                f"{len(symbols)} symbols are {2 * len(symbols)} streams; {self.venue} serves at "
+                f"most {MAX_STREAMS} on one connection (2 a symbol): give a feed at most "
+                f"{MAX_STREAMS // 2} symbols and run several feeds, each with its own --name"
+            )
         for sym in symbols:
             if not _SYMBOL.match(sym):
                 raise VenueRefused(
@@ -41,7 +50,13 @@ class BinanceSpot(Adapter):
         return [f"{s.lower()}@{kind}" for s in self.names for kind in (trades, "bookTicker")]
 
     def url(self, base: str) -> str:
-        return f"{base}?streams={'/'.join(self.streams())}"
+        """The combined-stream URL: ``base`` (``--url``, its query kept: ``timeUnit=MICROSECOND``
+        makes the venue send its times in µs, read as such) and the streams."""
+        query = urlsplit(base).query
+        unit = dict(parse_qsl(query)).get("timeUnit", "")
+        self.time_unit = 1_000 if unit.upper() == "MICROSECOND" else MS
+        sep = "&" if query else "" if base.endswith("?") else "?"
+        return f"{base}{sep}streams={'/'.join(self.streams())}"
 
     def hello(self) -> list[str]:
         return []  # the streams are in the URL
@@ -64,17 +79,18 @@ class BinanceSpot(Adapter):
                 sym = self.symbol(data["s"], event)
                 if sym is None:
                     return
+                unit = self.time_unit
                 if event == "bookTicker":
                     venue_ts = data.get("T")  # futures only
                     sink.quote(
-                        Quote(sym, recv_ns if venue_ts is None else venue_int(venue_ts) * MS,
+                        Quote(sym, recv_ns if venue_ts is None else venue_int(venue_ts) * unit,
                               float(data["b"]), float(data["B"]), float(data["a"]),
                               float(data["A"]), self.venue, recv_ns),
                         venue_int(data["u"]),
                     )  # fmt: skip
                 else:
                     sink.trade(
-                        Trade(sym, venue_int(data["T"]) * MS, float(data["p"]),
+                        Trade(sym, venue_int(data["T"]) * unit, float(data["p"]),
                               float(data["q"]), "sell" if data["m"] else "buy", self.venue,
                               venue_int(data["t" if event == "trade" else "a"]), recv_ns)
                     )  # fmt: skip

@@ -4,7 +4,8 @@ Its ``sequence`` runs per product across every channel, so a subscription to som
 holes in it that are not losses; trade gaps are found in ``trade_id`` instead (consecutive per
 product). ``side`` of a match is the maker's order side: the aggressor is the other side. On
 subscribing, the venue sends each product's ``last_match`` (the latest trade, which after a
-reconnect shows how many trades were missed) and a ``ticker``.
+reconnect shows how many trades were missed) and a ``ticker``: both are snapshots (the state at
+subscribing, not latency).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import ClassVar
 
 import orjson
 
-from server.feed.sources.adapter import Adapter, named_in, ns_from_iso, venue_int
+from server.feed.sources.adapter import Adapter, Sink, named_in, ns_from_iso, venue_int
 from server.ticks import Quote, Trade
 
 _OTHER_SIDE = {"buy": "sell", "sell": "buy"}
@@ -24,6 +25,14 @@ class Coinbase(Adapter):
     kind: ClassVar[str] = "coinbase"
     venue: ClassVar[str] = "COINBASE"
     default_url: ClassVar[str] = "wss://ws-feed.exchange.coinbase.com"
+
+    def __init__(self, symbols: dict[str, str], sink: Sink, secrets: dict[str, str]) -> None:
+        super().__init__(symbols, sink, secrets)
+        self._first_ticker: set[object] = set()  # products whose ticker sent on subscribing is due
+
+    def on_connected(self) -> None:
+        super().on_connected()
+        self._first_ticker = set(self.names)
 
     def hello(self) -> list[str]:
         return [
@@ -52,12 +61,17 @@ class Coinbase(Adapter):
                 if sym is None:
                     return
                 bid_size, ask_size = msg.get("best_bid_size"), msg.get("best_ask_size")
+                first = self._first_ticker
+                snapshot = bool(first) and msg["product_id"] in first  # the state at subscribing
+                if snapshot:
+                    first.discard(msg["product_id"])
                 sink.quote(
                     Quote(sym, ns_from_iso(msg["time"]) if "time" in msg else recv_ns,
                           float(msg["best_bid"]), None if bid_size is None else float(bid_size),
                           float(msg["best_ask"]), None if ask_size is None else float(ask_size),
                           self.venue, recv_ns),
                     None if msg.get("sequence") is None else venue_int(msg["sequence"]),
+                    snapshot,
                 )  # fmt: skip
             elif kind == "subscriptions":
                 self._confirm(msg["channels"])

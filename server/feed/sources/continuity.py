@@ -46,6 +46,7 @@ class Continuity:
         self.recent: dict[str, tuple[set[Hashable], collections.deque[Hashable]]] = {}
         self.last_update: dict[str, int] = {}
         self.last_quote: dict[str, tuple[object, ...]] = {}
+        self.seeded_quote: dict[str, tuple[object, ...]] = {}  # an earlier run's last (``seed``)
         self.duplicates = 0
 
     def trade(
@@ -86,15 +87,33 @@ class Continuity:
         if trade is not None and self.consecutive and type(trade.get("trade_id")) is int:
             self.last_trade.setdefault(str(trade["sym"]), trade["trade_id"])  # type: ignore[arg-type]
         if quote is not None:
-            key = tuple(quote.get(f) for f in ("ts", "bid", "bid_size", "ask", "ask_size"))
+            ts = quote.get("ts")
+            key = (None if ts == quote.get("recv_ts") else ts,  # no venue time: its own receipt
+                   *(quote.get(f) for f in ("bid", "bid_size", "ask", "ask_size")))  # fmt: skip
             self.last_quote.setdefault(str(quote["sym"]), key)
+            self.seeded_quote.setdefault(str(quote["sym"]), key)
+
+    def _seeded(self, tick: Quote) -> bool:
+        """Whether ``tick``, a venue's first numbered quote of its symbol here, is the quote an
+        earlier run published last (``seed``: its update id is not in the event, so its values
+        tell; a quote without a venue time has its receive time as ``ts``, left out): counted
+        as a duplicate."""
+        ts = None if tick.ts == tick.recv_ts else tick.ts  # as ``seed`` keys it
+        if self.seeded_quote.pop(tick.sym, None) == (ts, tick.bid, tick.bid_size, tick.ask,
+                                                     tick.ask_size):  # fmt: skip
+            self.duplicates += 1
+            return True
+        return False
 
     def quote(self, tick: Quote, update_id: int | None) -> bool:
         """Whether to publish this quote: not one already published (by the venue's update id
         when it sends one, else by being the same as the last one)."""
         if update_id is not None:
             last = self.last_update.get(tick.sym)
-            if last is not None and update_id <= last:
+            if last is None:  # the first numbered one: not the quote an earlier run published
+                self.last_update[tick.sym] = update_id
+                return not self._seeded(tick)
+            if update_id <= last:
                 self.duplicates += 1
                 return False
             self.last_update[tick.sym] = update_id

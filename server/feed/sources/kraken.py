@@ -204,6 +204,9 @@ class Kraken(Adapter):
                 self._ack(msg)
             elif msg.get("method") == "pong":
                 pass
+            elif msg.get("success") is False or "error" in msg:  # a reply to another request
+                method = str(msg.get("method") or "a request")[:32]
+                self.sink.venue_error(f"{method}: {str(msg.get('error'))[:200]}")
             else:
                 self.sink.unexpected(f"channel {str(channel)[:32]!r}")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import logging
 import random
+import ssl
 import statistics
 import time
 from collections.abc import Hashable
@@ -35,7 +36,7 @@ from picows.websockets.exceptions import ConnectionClosed, InvalidHandshake, Inv
 
 from server.feed.sources.adapter import Adapter, VenueRefused
 from server.feed.sources.continuity import Continuity, UpstreamGap
-from server.ticks import Quote, Tick, Trade, is_valid_symbol
+from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Tick, Trade, is_valid_symbol
 
 log = logging.getLogger("tickpipe.feed")
 CONNECTION_LOST = (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, EOFError)
@@ -68,6 +69,10 @@ class SessionOptions:
     # past this, new ones are dropped and counted; a dropped trade shows as an upstream gap.
     max_pending: int = 200_000
     silence_s: float | None = None  # overrides the adapter's silence limit
+    # WebSocket pings to the venue: one after this long without one, and no pong within
+    # ``ping_timeout_s`` ends the connection (a half-open one, a venue that hangs).
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
 
 
 @dataclass(slots=True)
@@ -165,6 +170,22 @@ class VenueFeed:
             self._sample_latency(out)
         return out
 
+    def unpublished(self, rejected: list[tuple[int, Tick]]) -> list[tuple[int, UpstreamGap]]:
+        """Where trade ids are consecutive, each trade of those ``due`` just handed over that
+        the tick checks rejected is a hole in the venue's numbering that the next trade does
+        not show (the continuity checks admitted it): an upstream gap of its own id, placed
+        where it was (``rejected``: index and tick)."""
+        if not self.continuity.consecutive:
+            return []
+        now, out = time.time_ns(), []
+        for at, tick in rejected:
+            number = tick.trade_id if isinstance(tick, Trade) else None
+            if type(number) is int:
+                out.append((at, UpstreamGap(tick.sym, number, number, now)))
+                self.upstream_gaps += 1
+                self.missing_trades += 1
+        return out
+
     @property
     def ticks(self) -> int:
         """The ticks admitted (not dropped, not duplicates): handed over, and waiting."""
@@ -236,10 +257,14 @@ class VenueFeed:
         bins = self._latency
         step = len(ticks) // LATENCY_SAMPLES_PER_BATCH + 1
         for tick in ticks[::step] if step > 1 else ticks:
-            recv = tick.recv_ts
-            if recv is None or (snapshots and id(tick) in snapshots):
-                continue
-            latency = recv - tick.ts
+            recv, ts = tick.recv_ts, tick.ts
+            if (
+                recv is None
+                or not MIN_TS_NS <= ts < MAX_TS_NS
+                or (snapshots and id(tick) in snapshots)
+            ):
+                continue  # no receive time, a time the tick checks reject, or a snapshot
+            latency = recv - ts
             if not latency:  # no venue time: the receive time stood in for it
                 continue
             second = recv // 1_000_000_000
@@ -319,9 +344,22 @@ class VenueFeed:
         if not staged:
             self.state = "reconnecting" if self.ever_live else "connecting"
         url = self.adapter.url(self.base_url)
-        ws = await websockets.connect(
-            url, open_timeout=self.options.connect_timeout_s, max_size=2**23, max_queue=4096
-        )
+        try:
+            ws = await websockets.connect(
+                url,
+                open_timeout=self.options.connect_timeout_s,
+                ping_interval=self.options.ping_interval_s,
+                ping_timeout=self.options.ping_timeout_s,
+                max_size=2**23,
+                max_queue=4096,
+            )
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            if not url.startswith("wss:"):
+                raise
+            raise ConnectionError(  # (an OSError: a lost connection, retried)
+                f"{_reason(exc)} in the TLS handshake with {redacted(url)}: is it a TLS "
+                "endpoint? (wss:// is TLS, ws:// plain)"
+            ) from exc
         conn = _Conn(ws, [] if staged else None)
         try:
             self.adapter.on_connected()
@@ -330,11 +368,15 @@ class VenueFeed:
             deadline = time.monotonic() + self.options.subscribe_timeout_s
             while not self.adapter.ready:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    await self._read(conn, left)
+                except TimeoutError:
                     raise TimeoutError(
-                        f"no subscription reply within {self.options.subscribe_timeout_s:g}s"
-                    )
-                await self._read(conn, left)
+                        "the venue did not confirm the subscription within "
+                        f"{self.options.subscribe_timeout_s:g}s"
+                    ) from None
         except BaseException:
             await ws.close()
             raise
@@ -560,7 +602,9 @@ def redacted(url: str) -> str:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed):
-        rcvd = exc.rcvd
+        rcvd, sent = exc.rcvd, exc.sent
+        if rcvd is None and sent is not None and "ping" in (sent.reason or ""):
+            return f"no pong to the WebSocket pings ({sent.code} {sent.reason})"[:MAX_REASON]
         if rcvd is None:
             return "connection dropped without a close frame"
         return f"the venue closed the connection ({rcvd.code} {rcvd.reason})".strip()[:MAX_REASON]
