@@ -81,18 +81,22 @@ class Trade(msgspec.Struct, gc=False):
 
 
 class Quote(msgspec.Struct, gc=False):
+    """A best bid and ask. One side may be absent (None, and its size too): a venue's book with
+    no bid or no ask (Alpaca and Binance send a price of 0 for it) is kept, one-sided."""
+
     sym: str
     ts: int
-    bid: float
+    bid: float | None
     bid_size: float | None
-    ask: float
+    ask: float | None
     ask_size: float | None
     venue: str | None = None
     recv_ts: int | None = None
 
     @property
     def crossed(self) -> bool:
-        return self.bid > self.ask
+        bid, ask = self.bid, self.ask
+        return bid is not None and ask is not None and bid > ask
 
 
 Tick = Trade | Quote
@@ -168,10 +172,16 @@ def _judged(tick: Tick) -> str | None:
         if tick.side is not None and tick.side not in SIDES:
             return "bad_side"
     else:
-        if not (_positive(tick.bid) and _positive(tick.ask)):
+        bid, ask = tick.bid, tick.ask
+        # One side may be absent (a one-sided book), not both; a side given must be positive.
+        if (bid is None and ask is None) or not all(x is None or _positive(x) for x in (bid, ask)):
             return "bad_price"
-        # Sizes may be unknown (FX tick files often carry none); if given they must be positive.
-        if not all(x is None or _positive(x) for x in (tick.bid_size, tick.ask_size)):
+        # Sizes may be unknown (FX tick files often carry none); if given they must be positive,
+        # and an absent side has none.
+        if not all(x is None or _positive(x) for x in (tick.bid_size, tick.ask_size)) or (
+            (bid is None and tick.bid_size is not None)
+            or (ask is None and tick.ask_size is not None)
+        ):
             return "bad_size"
     if tick.venue is not None and not is_valid_symbol(tick.venue):
         return "bad_venue"

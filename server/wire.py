@@ -318,10 +318,13 @@ def row_event(row: tuple[Any, ...], close: str) -> str:
             if ask is not None:
                 ev["ask"] = ask
     else:
-        ev = {"type": "quote", "sym": sym, "seq": seq, "ts": ts, "bid": bid}
+        ev = {"type": "quote", "sym": sym, "seq": seq, "ts": ts}
+        if bid is not None:  # absent on a one-sided quote
+            ev["bid"] = bid
         if bid_size is not None:
             ev["bid_size"] = bid_size
-        ev["ask"] = ask
+        if ask is not None:
+            ev["ask"] = ask
         if ask_size is not None:
             ev["ask_size"] = ask_size
         if crossed:

@@ -475,3 +475,34 @@ async def test_recorder_tile_says_idle_not_a_growing_lag_when_the_feed_stops(
         assert "idle" in (await page.text_content(f"{tile} .reason") or "")
     finally:
         await page.close()
+
+
+async def test_a_one_sided_quote_shows_its_empty_side_as_a_dash(
+    browser: Browser, dash_stack: Stack
+) -> None:
+    """A one-sided quote (a venue's book with no bid) has no `bid` field: the symbol table
+    shows "—" for the bid and the spread, the ask as usual, and the page does not fail."""
+    import redis.asyncio as aioredis
+
+    from server.live.bus import Bus
+    from server.ticks import Quote
+
+    r = aioredis.Redis.from_url(dash_stack.redis.url)
+    try:
+        bus = Bus(r)
+        await bus.publish([Quote("NOBID", time.time_ns(), None, None, 12.25, 3.0, "TEST")])
+        await r.sadd(bus.layout.symbols_key(bus.layout.group("NOBID")), "NOBID")
+    finally:
+        await r.aclose()
+    page = await open_dashboard(browser, dash_stack, dash_stack.key("ops-1s", ("realtime",)))
+    try:
+        row = "#symbols tr[data-sym='NOBID']"
+        await page.wait_for_selector(row)
+        await page.wait_for_function(
+            f"document.querySelector(\"{row}\").children[3].textContent !== ''"
+        )
+        cells = await page.eval_on_selector_all(f"{row} td", "tds => tds.map(t => t.textContent)")
+        assert cells[2:5] == ["—", "12.25", "—"]  # bid, ask, spread
+        assert page.errors == []  # type: ignore[attr-defined]
+    finally:
+        await page.close()

@@ -40,6 +40,12 @@ NOW = 1_790_000_000_000_000_000
         (Quote("EURUSD", NOW, 1.1, None, 1.1001, None), None),  # sizes unknown: allowed
         (Quote("AAPL", NOW, 1.0, math.nan, 1.1, 1.0), "bad_size"),
         (Quote("AAPL", NOW, 1, 1, 2, 2), None),  # ints are numbers too
+        (Quote("AAPL", NOW, None, None, 1.1, 1.0), None),  # one-sided (no bid): kept
+        (Quote("AAPL", NOW, 1.0, 1.0, None, None), None),  # one-sided (no ask): kept
+        (Quote("AAPL", NOW, None, None, None, None), "bad_price"),  # neither side
+        (Quote("AAPL", NOW, None, 1.0, 1.1, 1.0), "bad_size"),  # a size of no bid
+        (Quote("AAPL", NOW, 1.0, 1.0, None, 2.0), "bad_size"),  # a size of no ask
+        (Quote("AAPL", NOW, None, None, -1.0, 1.0), "bad_price"),
         (Trade("AAPL", NOW, 1.0, 1.0, "buy", "XNAS", 7, NOW), None),  # a venue's, all fields
         (Trade("AAPL", NOW, 1.0, 1.0, "buy", "x nas", 7, NOW), "bad_venue"),
         (Trade("AAPL", NOW, 1.0, 1.0, "buy", "XNAS", 7, 1_700_000_000), "bad_timestamp"),

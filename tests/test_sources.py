@@ -541,7 +541,8 @@ def test_what_a_typed_adapter_vouches_for_passes_the_tick_checks(kind, monkeypat
 
 
 def test_a_price_the_checks_reject_costs_only_its_own_tick() -> None:
-    """A message whose price the tick checks reject (0, -1) is still read typed, so the good
+    """A message whose price the tick checks reject (-1; 0 for a trade, where a quote's 0 is an
+    empty side) is still read typed, so the good
     ticks beside it are published and the bad one is counted as ``bad_price``, whatever else
     the message carries (a field never read beyond a double, which orjson would refuse); an id
     past 64 bits is malformed, counted, never handed over."""
@@ -555,7 +556,7 @@ def test_a_price_the_checks_reject_costs_only_its_own_tick() -> None:
         ("alpaca", "[" + trade % (2**64, "126.5", '"@"') + "," + trade % (2, "0", '"@"') + "]",
          [], ["bad_price"], 1),
         ("kraken", '{"channel":"ticker","type":"update","data":[{"symbol":"MATIC/USD","bid":0.5,'
-         '"bid_qty":1,"ask":0.6,"ask_qty":1,"last":1e400},{"symbol":"MATIC/USD","bid":0,'
+         '"bid_qty":1,"ask":0.6,"ask_qty":1,"last":1e400},{"symbol":"MATIC/USD","bid":-1,'
          '"bid_qty":1,"ask":0.6,"ask_qty":1}]}', [("MATIC/USD", None)], ["bad_price"], 0),
         ("kraken", '{"channel":"trade","type":"update","data":[' + kraken_trade % ("0.5", 7)
          + "," + kraken_trade % ("-1", 8) + "]}", [("MATIC/USD", 7)], ["bad_price"], 0),
@@ -1589,4 +1590,37 @@ async def test_a_stopped_feed_frees_its_symbols_and_is_listed_down_at_once(redis
         await asyncio.wait_for(task, WAIT_S)
     finally:
         await r.aclose()
+        await venue.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "syms", "one_sided", "kept"),
+    [("alpaca", ["AMD"],
+      '[{"T":"q","S":"AMD","bx":"","bp":0,"bs":0,"ax":"Q","ap":91.98,"as":1,"c":["R"],"z":"C",'
+      '"t":"2023-04-06T11:54:21.670905508Z"}]', {"ask": 91.98, "ask_size": 1.0}),
+     ("binance", ["FTMUSDT"],
+      '{"stream":"ftmusdt@bookTicker","data":{"u":800360990,"s":"FTMUSDT","b":"0.33989000",'
+      '"B":"1565.60000000","a":"0.00000000","A":"0.00000000"}}',
+      {"bid": 0.33989, "bid_size": 1565.6}),
+     ("kraken", ["MATIC/USD"],
+      '{"channel":"ticker","type":"update","data":[{"symbol":"MATIC/USD","bid":0,"bid_qty":0,'
+      '"ask":0.5147,"ask_qty":6614.0,"last":0.5147,"volume":1.0,"vwap":0.5,"low":0.5,'
+      '"high":0.52,"change":0.0,"change_pct":0.0}]}', {"ask": 0.5147, "ask_size": 6614.0})],
+    ids=["alpaca-no-bid", "binance-no-ask", "kraken-no-bid"],
+)  # fmt: skip
+async def test_a_one_sided_quote_is_published_without_its_empty_side(
+    redis_url, kind, syms, one_sided, kept
+) -> None:
+    """A venue sends a price of 0 for an empty side of its book: the quote is published
+    one-sided, the empty side's price and size absent (not rejected, not a price of 0)."""
+    venue = await FakeVenue(kind, key=SECRET).start()
+    try:
+        async with running(redis_url, venue, kind, syms) as run:
+            await venue.subscribed(1)
+            await venue.send_raw(one_sided)
+            [event] = await _published(run, syms, 1)
+            book = {k: event[k] for k in ("bid", "bid_size", "ask", "ask_size") if k in event}
+            assert book == kept and "crossed" not in event
+            assert run.plant.rejected == {} and run.feed.malformed_count == 0
+    finally:
         await venue.stop()

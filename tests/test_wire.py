@@ -94,6 +94,8 @@ def _general(tick: Trade | Quote, seq: int) -> dict[str, object]:
         Quote("EURUSD", 1_790_000_000_000_000_000, 1.1, 1e6, 1.0999, 1e6, "FX", 3),  # crossed
         Quote("BAND-BTC", 1_790_000_000_000_000_000, 0.00033422, None, 0.00033467, 4.0, "X", 5),
         Quote("AAPL", 1_790_000_000_000_000_000, 101.0, 5.0, 102.0, 5.0, None, None),
+        Quote("AAPL", 1_790_000_000_000_000_000, None, None, 102.0, 5.0, "ALPACA", 6),  # no bid
+        Quote("AAPL", 1_790_000_000_000_000_000, 101.0, 5.0, None, None, "ALPACA", 6),  # no ask
     ],
 )
 def test_every_tick_is_encoded_once_in_the_wire_order_whatever_path(tick: Trade | Quote) -> None:
@@ -106,8 +108,8 @@ def test_every_tick_is_encoded_once_in_the_wire_order_whatever_path(tick: Trade 
 
 def _random_tick(rng: random.Random, seen: int) -> Trade | Quote:
     """A tick of any shape the feed can publish: symbols of every character a symbol may have,
-    every optional field set or not, a quote crossed or not, prices and sizes from 1e-9 to
-    1e22, ids and times up to 2**63."""
+    every optional field set or not, a quote crossed or not or one-sided, prices and sizes from
+    1e-9 to 1e22, ids and times up to 2**63."""
 
     def number() -> float | int:
         r = rng.random()
@@ -126,8 +128,13 @@ def _random_tick(rng: random.Random, seen: int) -> Trade | Quote:
         return Trade(sym, ts, number(), number(), maybe(rng.choice(["buy", "sell"])),
                      maybe("BINANCE"), maybe(rng.randint(0, 2**63 - 1)), maybe(ts + 1))  # fmt: skip
     bid, ask = number(), number()
-    return Quote(sym, ts, bid, maybe(number()), ask, maybe(number()), maybe("KRAKEN"),
-                 maybe(ts + 2))  # fmt: skip
+    bid_size, ask_size = maybe(number()), maybe(number())
+    if rng.random() < 0.1:  # a one-sided quote: no bid, or no ask
+        if rng.random() < 0.5:
+            bid = bid_size = None
+        else:
+            ask = ask_size = None
+    return Quote(sym, ts, bid, bid_size, ask, ask_size, maybe("KRAKEN"), maybe(ts + 2))
 
 
 def test_a_feeds_events_are_the_bytes_orjson_writes_for_their_dicts() -> None:
@@ -148,7 +155,9 @@ def test_a_feeds_events_are_the_bytes_orjson_writes_for_their_dicts() -> None:
 def test_stored_rows_replay_in_the_wire_order_with_epoch_after_the_tick_fields() -> None:
     trade = ("AAPL", "trade", 5, 77, 9, 1.5, 2.0, "sell", None, None, None, None, "X", None)
     quote = ("AAPL", "quote", 6, 77, 10, None, None, None, 1.0, 4.0, 1.2, None, None, True)
-    for row in (trade, quote):
+    no_bid = ("AAPL", "quote", 6, 77, 11, None, None, None, None, None, 1.2, 3.0, None, None)
+    assert "bid" not in orjson.loads(wire.row_event(no_bid, "}"))  # absent, as live, not null
+    for row in (trade, quote, no_bid):
         event = orjson.loads(wire.row_event(row, wire.event_end(replay="r1")))
         fields = wire.TICK_FIELDS[str(row[1])]
         assert _in_order(event, fields), list(event)

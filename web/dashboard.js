@@ -343,10 +343,11 @@ function onTick(ev) {
     r.lastPrice = ev.price;
     addPoint(ev.sym, ev.ts, ev.price);
   } else {
-    r.bid = ev.bid; r.ask = ev.ask;
-    r.cells.bid.textContent = price(r, ev.bid);
-    r.cells.ask.textContent = price(r, ev.ask);
-    r.cells.spread.textContent = (ev.ask - ev.bid).toFixed(r.dec);
+    // A one-sided quote (a book with no bid or no ask) leaves that side out: shown as "—".
+    r.bid = ev.bid ?? null; r.ask = ev.ask ?? null;
+    r.cells.bid.textContent = r.bid === null ? "—" : price(r, r.bid);
+    r.cells.ask.textContent = r.ask === null ? "—" : price(r, r.ask);
+    r.cells.spread.textContent = r.bid === null || r.ask === null ? "—" : (r.ask - r.bid).toFixed(r.dec);
   }
 }
 

@@ -59,11 +59,9 @@ def event_text_expr(close: str) -> pl.Expr:
     )
     quote = pl.concat_str(
         [
-            pl.lit(',"bid":'),
-            _num("bid").fill_null("null"),
+            _opt("bid", _num("bid")),  # absent on a one-sided quote, as in the live event
             _opt("bid_size", _num("bid_size")),
-            pl.lit(',"ask":'),
-            _num("ask").fill_null("null"),
+            _opt("ask", _num("ask")),
             _opt("ask_size", _num("ask_size")),
             pl.when(pl.col("crossed").fill_null(False))
             .then(pl.lit(',"crossed":true'))

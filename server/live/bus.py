@@ -185,10 +185,13 @@ def tick_event(tick: Tick, seq: int) -> dict[str, object]:
         if tick.trade_id is not None:
             event["trade_id"] = tick.trade_id
     else:
-        event = {"type": "quote", "sym": tick.sym, "seq": seq, "ts": tick.ts, "bid": tick.bid}
+        event = {"type": "quote", "sym": tick.sym, "seq": seq, "ts": tick.ts}
+        if tick.bid is not None:  # absent: a one-sided quote (no bid)
+            event["bid"] = tick.bid
         if tick.bid_size is not None:
             event["bid_size"] = tick.bid_size
-        event["ask"] = tick.ask
+        if tick.ask is not None:
+            event["ask"] = tick.ask
         if tick.ask_size is not None:
             event["ask_size"] = tick.ask_size
         if tick.crossed:
@@ -258,7 +261,9 @@ def wire_event(tick: Tick, seq: int) -> WireEvent:
         bid, ask, bid_size, ask_size = tick.bid, tick.ask, tick.bid_size, tick.ask_size
         venue, recv = tick.venue, tick.recv_ts
         if (
-            bid_size is not None
+            bid is not None  # (a one-sided quote: the dict, without that side)
+            and ask is not None
+            and bid_size is not None
             and ask_size is not None
             and venue is not None
             and recv is not None

@@ -179,6 +179,21 @@ def venue_int(x: object) -> int:
     return x
 
 
+def book_side(price: float, size: float | None) -> tuple[float | None, float | None]:
+    """One side of a best bid/ask as a quote carries it: a price of 0 (Binance, Alpaca, Kraken
+    send it for a side with no order) is an empty side, no price and no size."""
+    return (price, size) if price else (None, None)
+
+
+def one_sided_quote(
+    sym: str, ts: int, bid: float, bid_size: float, ask: float, ask_size: float, venue: str,
+    recv_ns: int,
+) -> Quote:  # fmt: skip
+    """The quote of a book with an empty side (its price 0: ``book_side``); an adapter's usual
+    quote, both prices set, is built directly."""
+    return Quote(sym, ts, *book_side(bid, bid_size), *book_side(ask, ask_size), venue, recv_ns)
+
+
 def side_of_aggressor(buyer_is_maker: bool) -> str:
     """The aggressor's side from a "buyer is the maker" flag (Binance ``m``)."""
     return "sell" if buyer_is_maker else "buy"

@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 import msgspec
 import orjson
 
-from server.feed.sources.adapter import Adapter, Positive, VenueId, ns_from_iso, venue_int
+from server.feed.sources.adapter import (
+    Adapter,
+    Positive,
+    VenueId,
+    ns_from_iso,
+    one_sided_quote,
+    venue_int,
+)
 from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Trade
 
 _TAKER = {"B": "buy", "S": "sell"}
@@ -151,8 +158,10 @@ class AlpacaStocks(Adapter):
                     tick = Trade(sym, ts, p.p, p.s, None if taker is None else _TAKER.get(taker),
                                  venue, p.i, recv_ns)  # fmt: skip
                     trade(tick, (p.x, p.i) if by_exchange else None)
-                else:
+                elif p.bp and p.ap:
                     quote(Quote(sym, ts, p.bp, p.bs, p.ap, p.as_, venue, recv_ns))
+                else:  # a price of 0: that side of the book is empty
+                    quote(one_sided_quote(sym, ts, p.bp, p.bs, p.ap, p.as_, venue, recv_ns))
             except (TypeError, ValueError) as exc:
                 sink.malformed(f"{type(exc).__name__}: {str(exc)[:120]}")
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from server.feed.sources.adapter import MS, Adapter, Sink, VenueRefused, venue_int
+from server.feed.sources.adapter import MS, Adapter, Sink, VenueRefused, book_side, venue_int
 from server.ticks import Quote, Trade
 
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,30}$")
@@ -82,10 +82,11 @@ class BinanceSpot(Adapter):
                 unit = self.time_unit
                 if event == "bookTicker":
                     venue_ts = data.get("T")  # futures only
+                    bid, bid_size = book_side(float(data["b"]), float(data["B"]))
+                    ask, ask_size = book_side(float(data["a"]), float(data["A"]))
                     sink.quote(
                         Quote(sym, recv_ns if venue_ts is None else venue_int(venue_ts) * unit,
-                              float(data["b"]), float(data["B"]), float(data["a"]),
-                              float(data["A"]), self.venue, recv_ns),
+                              bid, bid_size, ask, ask_size, self.venue, recv_ns),
                         venue_int(data["u"]),
                     )  # fmt: skip
                 else:

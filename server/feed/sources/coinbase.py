@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import orjson
 
-from server.feed.sources.adapter import Adapter, Sink, named_in, ns_from_iso, venue_int
+from server.feed.sources.adapter import Adapter, Sink, book_side, named_in, ns_from_iso, venue_int
 from server.ticks import Quote, Trade
 
 _OTHER_SIDE = {"buy": "sell", "sell": "buy"}
@@ -60,16 +60,18 @@ class Coinbase(Adapter):
                 sym = self.symbol(msg["product_id"], "ticker")
                 if sym is None:
                     return
-                bid_size, ask_size = msg.get("best_bid_size"), msg.get("best_ask_size")
+                sizes = msg.get("best_bid_size"), msg.get("best_ask_size")
+                bs, az = (None if x is None else float(x) for x in sizes)
+                # An empty side ("" or 0): no price, no size (a one-sided book).
+                bid, bid_size = book_side(float(msg["best_bid"] or 0), bs)
+                ask, ask_size = book_side(float(msg["best_ask"] or 0), az)
                 first = self._first_ticker
                 snapshot = bool(first) and msg["product_id"] in first  # the state at subscribing
                 if snapshot:
                     first.discard(msg["product_id"])
                 sink.quote(
                     Quote(sym, ns_from_iso(msg["time"]) if "time" in msg else recv_ns,
-                          float(msg["best_bid"]), None if bid_size is None else float(bid_size),
-                          float(msg["best_ask"]), None if ask_size is None else float(ask_size),
-                          self.venue, recv_ns),
+                          bid, bid_size, ask, ask_size, self.venue, recv_ns),
                     None if msg.get("sequence") is None else venue_int(msg["sequence"]),
                     snapshot,
                 )  # fmt: skip

@@ -22,6 +22,7 @@ from server.feed.sources.adapter import (
     VenueId,
     named_in,
     ns_from_iso,
+    one_sided_quote,
     venue_int,
 )
 from server.ticks import MAX_TS_NS, MIN_TS_NS, Quote, Trade
@@ -182,8 +183,11 @@ class Kraken(Adapter):
             ts = ns_from_iso(q.timestamp) if q.timestamp else recv_ns
             if not lo <= ts < hi:
                 sink.unscreened()
-            quote(Quote(sym, ts, q.bid, q.bid_qty, q.ask, q.ask_qty, venue, recv_ns),
-                  snapshot=snapshot)  # fmt: skip
+            if q.bid and q.ask:
+                tick = Quote(sym, ts, q.bid, q.bid_qty, q.ask, q.ask_qty, venue, recv_ns)
+            else:  # a price of 0: that side of the book is empty
+                tick = one_sided_quote(sym, ts, q.bid, q.bid_qty, q.ask, q.ask_qty, venue, recv_ns)
+            quote(tick, snapshot=snapshot)
 
     def _message(self, raw: str | bytes, recv_ns: int) -> None:
         """Read a message the typed decoding did not take: trades and tickers as ``on_message``
