@@ -69,7 +69,9 @@ async def main() -> None:
                 if trade is None or fair is None:
                     action = "HOLD"
                 else:
-                    edge = (quote["ask"] - quote["bid"]) / 2 if quote else 0.0
+                    # (a one-sided quote, a book with no bid or no ask, gives no spread)
+                    both = quote and "bid" in quote and "ask" in quote
+                    edge = (quote["ask"] - quote["bid"]) / 2 if both else 0.0
                     action = (
                         "BUY" if trade["price"] < fair - edge
                         else "SELL" if trade["price"] > fair + edge

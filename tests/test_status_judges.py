@@ -145,6 +145,16 @@ def test_a_symbol_is_stale_against_its_own_usual_rate() -> None:
     assert stale["state"] == DEGRADED and stale["stale"] and "usually every 1 s" in stale["reason"]
 
 
+def test_a_one_sided_latest_quote_gives_a_row_without_that_side() -> None:
+    """The latest quote has no ask (a one-sided book): the symbol's row has its bid, no ask and
+    no spread (absent, not null: the row's numbers are numbers)."""
+    track = SymbolTrack(seq=10, epoch=1, changed=100.0)
+    quote = b'{"type":"quote","sym":"X","seq":11,"ts":%d,"bid":2.5,"bid_size":3.0}'
+    track.observe("X", 1, 11, [quote % int((NOW - 1) * NS)], mono=110.0)
+    row = judge_symbol(track, NOW)
+    assert row["bid"] == 2.5 and "ask" not in row and "spread" not in row
+
+
 def test_a_new_epoch_starts_the_count_over() -> None:
     track = SymbolTrack(seq=500, epoch=1, changed=100.0)
     track.observe("X", 2, 3, [], mono=101.0)

@@ -248,8 +248,10 @@ class SymbolTrack:
             if ev.get("type") == "trade":
                 row["last"] = ev.get("price")
                 row["size"] = ev.get("size")
-            else:
-                row["bid"], row["ask"] = ev.get("bid"), ev.get("ask")
+            else:  # a one-sided quote has no bid (or no ask): the row has none either
+                for side in ("bid", "ask"):
+                    if ev.get(side) is not None:
+                        row[side] = ev[side]
         if row.get("bid") is not None and row.get("ask") is not None:
             row["spread"] = round(row["ask"] - row["bid"], 10)
         self.row = row

@@ -61,7 +61,7 @@ class Coinbase(Adapter):
                 if sym is None:
                     return
                 sizes = msg.get("best_bid_size"), msg.get("best_ask_size")
-                bs, az = (None if x is None else float(x) for x in sizes)
+                bs, az = (float(x) if x else None for x in sizes)  # ("" for an empty side)
                 # An empty side ("" or 0): no price, no size (a one-sided book).
                 bid, bid_size = book_side(float(msg["best_bid"] or 0), bs)
                 ask, ask_size = book_side(float(msg["best_ask"] or 0), az)

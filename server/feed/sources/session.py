@@ -354,8 +354,8 @@ class VenueFeed:
                 max_queue=4096,
             )
         except (ssl.SSLError, ConnectionResetError) as exc:
-            if not url.startswith("wss:"):
-                raise
+            if not url.startswith("wss:") or isinstance(exc, ssl.SSLCertVerificationError):
+                raise  # (a TLS endpoint whose certificate is refused: its own reason)
             raise ConnectionError(  # (an OSError: a lost connection, retried)
                 f"{_reason(exc)} in the TLS handshake with {redacted(url)}: is it a TLS "
                 "endpoint? (wss:// is TLS, ws:// plain)"
