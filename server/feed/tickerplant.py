@@ -193,8 +193,19 @@ class Tickerplant:
             now = time.monotonic()
             rate = (self.published - prev) / (now - prev_t)
             prev, prev_t = self.published, now
+            beat = FeedBeat(
+                state=self.state,
+                pid=os.getpid(),
+                rate=rate,
+                published=self.published,
+                rejected=dict(self.rejected),
+                last_rejects=list(self.last_rejects),
+                last_tick_ns=self.last_tick_ns,
+                updated_ns=time.time_ns(),
+                source=self.live.figures() if self.live is not None else {},
+            )
             with contextlib.suppress(*REDIS_DOWN):
-                await publish_feed(self.redis, self.settings.feed_name, self._beat(rate))
+                await publish_feed(self.redis, self.settings.feed_name, beat)
 
     async def _source_stopped(self) -> None:
         """List the live source as down, with why (the venue's refusal, or the feed stopped),
@@ -206,19 +217,6 @@ class Tickerplant:
             source |= {"state": "down", "reason": why, "messages_per_s": 0.0}
         with contextlib.suppress(TimeoutError, *REDIS_DOWN):
             await asyncio.wait_for(feed_stopped(self.redis, self.settings.feed_name, source), 5)
-
-    def _beat(self, rate: float) -> FeedBeat:
-        return FeedBeat(
-            state=self.state,
-            pid=os.getpid(),
-            rate=rate,
-            published=self.published,
-            rejected=dict(self.rejected),
-            last_rejects=list(self.last_rejects),
-            last_tick_ns=self.last_tick_ns,
-            updated_ns=time.time_ns(),
-            source=self.live.figures() if self.live is not None else {},
-        )
 
     async def publish_due(self, ticks: list[Tick]) -> None:
         """Publish what the source handed over; a live source's upstream gaps go out in-band,

@@ -35,6 +35,12 @@ _PUBLISH: tuple[bool, None] = (True, None)
 _DROP: tuple[bool, None] = (False, None)
 
 
+def _seed_key(ts: object, recv_ts: object, *book: object) -> tuple[object, ...]:
+    """What tells a quote from an earlier run's last one: its time and book, the time left out
+    where it is only the receive time (no venue time, e.g. Binance spot's bookTicker)."""
+    return (None if ts == recv_ts else ts, *book)
+
+
 class Continuity:
     """What has been published per symbol, to judge the next trade or quote."""
 
@@ -87,9 +93,8 @@ class Continuity:
         if trade is not None and self.consecutive and type(trade.get("trade_id")) is int:
             self.last_trade.setdefault(str(trade["sym"]), trade["trade_id"])  # type: ignore[arg-type]
         if quote is not None:
-            ts = quote.get("ts")
-            key = (None if ts == quote.get("recv_ts") else ts,  # no venue time: its own receipt
-                   *(quote.get(f) for f in ("bid", "bid_size", "ask", "ask_size")))  # fmt: skip
+            book = (quote.get(f) for f in ("bid", "bid_size", "ask", "ask_size"))
+            key = _seed_key(quote.get("ts"), quote.get("recv_ts"), *book)
             self.last_quote.setdefault(str(quote["sym"]), key)
             self.seeded_quote.setdefault(str(quote["sym"]), key)
 
@@ -98,9 +103,8 @@ class Continuity:
         earlier run published last (``seed``: its update id is not in the event, so its values
         tell; a quote without a venue time has its receive time as ``ts``, left out): counted
         as a duplicate."""
-        ts = None if tick.ts == tick.recv_ts else tick.ts  # as ``seed`` keys it
-        if self.seeded_quote.pop(tick.sym, None) == (ts, tick.bid, tick.bid_size, tick.ask,
-                                                     tick.ask_size):  # fmt: skip
+        key = _seed_key(tick.ts, tick.recv_ts, tick.bid, tick.bid_size, tick.ask, tick.ask_size)
+        if self.seeded_quote.pop(tick.sym, None) == key:
             self.duplicates += 1
             return True
         return False
